@@ -1,0 +1,4 @@
+//! The actors of a node. Each folder holds one actor (`mod.rs`) and what it receives
+//! (`messages.rs`).
+
+pub mod persistence;

@@ -1,0 +1,125 @@
+//! Persistence actor: the only code that runs Diesel.
+//!
+//! Runs on a `SyncArbiter` with one thread per pooled connection (`DB_MAX_OPEN_CONNS`), because
+//! Diesel blocks. It owns the pool; everything else holds a [`Db`] handle and sends it work.
+//! A panic inside a unit of work is caught here: the caller gets `DbError::Panicked`, the thread
+//! lives on, and the connection (left inside a broken transaction) is discarded by the pool.
+
+pub mod messages;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
+
+pub use messages::RunQuery;
+
+use crate::db::{Backend, DbConnection, DbPool};
+use crate::error::ApiError;
+
+pub struct Persistence {
+    pool: DbPool,
+}
+
+impl Actor for Persistence {
+    type Context = SyncContext<Self>;
+}
+
+impl<T: 'static> Handler<RunQuery<T>> for Persistence {
+    type Result = Result<T, DbError>;
+
+    fn handle(&mut self, msg: RunQuery<T>, _: &mut SyncContext<Self>) -> Self::Result {
+        let mut conn = self.pool.get().map_err(|e| DbError::Pool(e.to_string()))?;
+        match catch_unwind(AssertUnwindSafe(|| (msg.0)(&mut conn))) {
+            Ok(result) => result,
+            Err(panic) => {
+                log::error!("a database task panicked: {}", panic_message(&panic));
+                Err(DbError::Panicked)
+            }
+        }
+    }
+}
+
+/// Why a unit of work did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("no database connection: {0}")]
+    Pool(String),
+    #[error("the database task panicked")]
+    Panicked,
+    #[error("the persistence actor is not running")]
+    Gone,
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> ApiError {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match e {
+            DbError::Query(Error::NotFound) => ApiError::NotFound("record"),
+            DbError::Query(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
+                ApiError::Conflict("it already exists".into())
+            }
+            DbError::Pool(cause) => {
+                log::error!("database unavailable: {cause}");
+                ApiError::Unavailable("the database")
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// A cheap, cloneable handle on the persistence actor.
+#[derive(Clone)]
+pub struct Db {
+    addr: Addr<Persistence>,
+    backend: Backend,
+    pool: DbPool,
+}
+
+impl Db {
+    /// Starts the actor's threads. Must run inside an actix `System`.
+    pub fn start(pool: DbPool, backend: Backend) -> Db {
+        let threads = pool.max_size() as usize;
+        let for_actor = pool.clone();
+        let addr = SyncArbiter::start(threads, move || Persistence {
+            pool: for_actor.clone(),
+        });
+        Db {
+            addr,
+            backend,
+            pool,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Connections open now and the pool's largest size, for health and `check-db`.
+    pub fn pool_state(&self) -> (u32, u32) {
+        let state = self.pool.state();
+        (state.connections, self.pool.max_size())
+    }
+
+    /// Runs `work` on a pooled connection in the persistence actor and waits for its result.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+    {
+        self.addr
+            .send(RunQuery(Box::new(work)))
+            .await
+            .map_err(|_| DbError::Gone)?
+    }
+}
+
+/// The text of a panic payload, for the log.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}

@@ -1,0 +1,600 @@
+//! Typed settings.
+//!
+//! Layers, each overriding the one before: the defaults in this file (kept equal to
+//! `config/default.toml` by a test), `config/default.toml`, `config/<APP_ENV>.toml`, then
+//! environment variables. Files are read from `CONFIG_DIR` (default `config/`) when present and
+//! otherwise from the copies embedded in the binary, so the binary runs from any directory.
+//! Unknown keys are an error that names the key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Deserializer, Serialize};
+
+const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+const EMBEDDED_PRODUCTION: &str = include_str!("../config/production.toml");
+
+/// Shortest `JWT_SECRET` accepted outside development mode.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The secret used in development mode when none is configured. Never accepted in production.
+const DEVELOPMENT_SECRET: &str = "switchboard-development-secret-do-not-use-in-production";
+
+/// Which deployment this process is: picks `config/<env>.toml` and development conveniences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Production => "production",
+        }
+    }
+}
+
+impl FromStr for Environment {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "development" | "dev" | "local" => Ok(Environment::Development),
+            "production" | "prod" => Ok(Environment::Production),
+            other => bail!("APP_ENV must be `development` or `production`, got `{other}`"),
+        }
+    }
+}
+
+/// Everything the server reads at start-up.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// HTTP listener and request limits.
+    pub server: ServerSettings,
+    /// Where history is stored and how the connection pool is sized.
+    pub database: DatabaseSettings,
+    /// Token signing and lifetimes.
+    pub auth: AuthSettings,
+    /// Log verbosity and format.
+    pub log: LogSettings,
+    /// Conversation limits.
+    pub chat: ChatSettings,
+    /// Not read from files: set from `APP_ENV`.
+    #[serde(skip)]
+    pub environment: Environment,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Environment::Development
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            auth: AuthSettings::default(),
+            log: LogSettings::default(),
+            chat: ChatSettings::default(),
+            environment: Environment::Development,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address to bind (`HOST`).
+    pub host: String,
+    /// Port to bind (`PORT`); 0 picks a free port.
+    pub port: u16,
+    /// Largest accepted HTTP request body, in bytes.
+    pub max_body_bytes: usize,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 64 * 1024,
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://path/to/file.db` or `postgres://user@host/db` (`DATABASE_URL`).
+    pub url: Secret,
+    /// Largest number of open connections (`DB_MAX_OPEN_CONNS`).
+    pub max_open_conns: u32,
+    /// Connections kept open while idle (`DB_MAX_IDLE_CONNS`).
+    pub max_idle_conns: u32,
+    /// A connection older than this is closed and replaced (`DB_CONN_MAX_LIFETIME`).
+    pub conn_max_lifetime: HumanDuration,
+    /// How long a request waits for a free connection before failing.
+    pub acquire_timeout: HumanDuration,
+    /// SQLite only: how long a writer waits for the lock.
+    pub busy_timeout: HumanDuration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: Secret::new("sqlite://data/chat_history.db"),
+            max_open_conns: 8,
+            max_idle_conns: 2,
+            conn_max_lifetime: HumanDuration::from_secs(30 * 60),
+            acquire_timeout: HumanDuration::from_secs(5),
+            busy_timeout: HumanDuration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// HMAC key for tokens (`JWT_SECRET`); at least 32 bytes outside development.
+    pub jwt_secret: Secret,
+    /// Lifetime of an access token (`JWT_EXPIRY`).
+    pub jwt_expiry: HumanDuration,
+    /// Lifetime of a refresh token.
+    pub refresh_expiry: HumanDuration,
+    /// `iss` claim written and required.
+    pub issuer: String,
+    /// `aud` claim written and required.
+    pub audience: String,
+    /// Signing algorithm: HS256, HS384 or HS512.
+    pub algorithm: String,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            jwt_secret: Secret::new(""),
+            jwt_expiry: HumanDuration::from_secs(24 * 3600),
+            refresh_expiry: HumanDuration::from_secs(30 * 24 * 3600),
+            issuer: "switchboard".into(),
+            audience: "switchboard".into(),
+            algorithm: "HS256".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `debug`, `info`, `warn` or `error`, or an env_logger filter (`LOG_LEVEL`).
+    pub level: String,
+    /// `text` or `json`, one object per line (`LOG_FORMAT`).
+    pub format: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatSettings {
+    /// Largest message a user may send, in bytes of UTF-8.
+    pub max_message_bytes: usize,
+    /// Messages or conversations per page when the client does not say.
+    pub page_size: i64,
+    /// Most messages or conversations one page may hold.
+    pub max_page_size: i64,
+    /// How long after a soft delete an admin may still restore a conversation.
+    pub restore_window: HumanDuration,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        ChatSettings {
+            max_message_bytes: 8 * 1024,
+            page_size: 50,
+            max_page_size: 200,
+            restore_window: HumanDuration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// How an environment variable's text becomes a TOML value.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+}
+
+/// Operator-facing environment variables and the key each one sets.
+const ENV_KEYS: &[(&str, &str, Kind)] = &[
+    ("HOST", "server.host", Kind::Str),
+    ("PORT", "server.port", Kind::Int),
+    ("MAX_BODY_BYTES", "server.max_body_bytes", Kind::Int),
+    ("HTTP_WORKERS", "server.workers", Kind::Int),
+    ("DATABASE_URL", "database.url", Kind::Str),
+    ("DB_MAX_OPEN_CONNS", "database.max_open_conns", Kind::Int),
+    ("DB_MAX_IDLE_CONNS", "database.max_idle_conns", Kind::Int),
+    (
+        "DB_CONN_MAX_LIFETIME",
+        "database.conn_max_lifetime",
+        Kind::Str,
+    ),
+    ("DB_ACQUIRE_TIMEOUT", "database.acquire_timeout", Kind::Str),
+    ("DB_BUSY_TIMEOUT", "database.busy_timeout", Kind::Str),
+    ("JWT_SECRET", "auth.jwt_secret", Kind::Str),
+    ("JWT_EXPIRY", "auth.jwt_expiry", Kind::Str),
+    ("JWT_REFRESH_EXPIRY", "auth.refresh_expiry", Kind::Str),
+    ("JWT_ISSUER", "auth.issuer", Kind::Str),
+    ("JWT_AUDIENCE", "auth.audience", Kind::Str),
+    ("JWT_ALGORITHM", "auth.algorithm", Kind::Str),
+    ("LOG_LEVEL", "log.level", Kind::Str),
+    ("LOG_FORMAT", "log.format", Kind::Str),
+    ("MAX_MESSAGE_BYTES", "chat.max_message_bytes", Kind::Int),
+    ("RESTORE_WINDOW", "chat.restore_window", Kind::Str),
+];
+
+impl Settings {
+    /// Loads settings from files and the process environment.
+    pub fn load() -> anyhow::Result<Settings> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(&env)
+    }
+
+    /// Loads settings from files and the given variables (tests pass their own).
+    pub fn load_from(vars: &[(String, String)]) -> anyhow::Result<Settings> {
+        let get = |name: &str| {
+            vars.iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let environment: Environment = get("APP_ENV").unwrap_or("development").parse()?;
+        let dir = PathBuf::from(get("CONFIG_DIR").unwrap_or("config"));
+
+        let mut merged = parse_layer(
+            &read_layer(&dir, "default.toml", Some(EMBEDDED_DEFAULT))?,
+            "default.toml",
+        )?;
+        let env_file = format!("{}.toml", environment.as_str());
+        let embedded = match environment {
+            Environment::Production => Some(EMBEDDED_PRODUCTION),
+            Environment::Development => None,
+        };
+        let overrides = read_layer(&dir, &env_file, embedded)?;
+        if !overrides.is_empty() {
+            merge(&mut merged, parse_layer(&overrides, &env_file)?);
+        }
+        for (name, path, kind) in ENV_KEYS {
+            if let Some(raw) = get(name) {
+                let value = env_value(name, raw, *kind)?;
+                set_path(&mut merged, path, value);
+            }
+        }
+
+        let mut settings: Settings = toml::Value::Table(merged)
+            .try_into()
+            .context("reading configuration")?;
+        settings.environment = environment;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Start-up checks that a config file cannot express.
+    fn validate(&mut self) -> anyhow::Result<()> {
+        let secret = self.auth.jwt_secret.expose();
+        if self.environment != Environment::Development && secret.len() < MIN_SECRET_BYTES {
+            bail!(
+                "JWT_SECRET is {} ({} bytes); outside development it must be at least {MIN_SECRET_BYTES} bytes. \
+                 Make one with `openssl rand -base64 48` and set JWT_SECRET to it.",
+                if secret.is_empty() { "not set" } else { "too short" },
+                secret.len()
+            );
+        }
+        if secret.is_empty() {
+            log::warn!(
+                "JWT_SECRET is not set; using the development secret (refused outside development)"
+            );
+            self.auth.jwt_secret = Secret::new(DEVELOPMENT_SECRET);
+        }
+        match self.auth.algorithm.as_str() {
+            "HS256" | "HS384" | "HS512" => {}
+            other => bail!("auth.algorithm must be HS256, HS384 or HS512, got `{other}`"),
+        }
+        match self.log.format.as_str() {
+            "text" | "json" => {}
+            other => bail!("LOG_FORMAT must be `text` or `json`, got `{other}`"),
+        }
+        if self.database.max_open_conns == 0 {
+            bail!("DB_MAX_OPEN_CONNS must be at least 1");
+        }
+        if self.database.max_idle_conns > self.database.max_open_conns {
+            self.database.max_idle_conns = self.database.max_open_conns;
+        }
+        Ok(())
+    }
+
+    pub fn is_development(&self) -> bool {
+        self.environment == Environment::Development
+    }
+}
+
+fn read_layer(dir: &Path, name: &str, embedded: Option<&str>) -> anyhow::Result<String> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(embedded.unwrap_or_default().to_string())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn parse_layer(text: &str, name: &str) -> anyhow::Result<toml::Table> {
+    text.parse::<toml::Table>()
+        .with_context(|| format!("parsing config/{name}"))
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &str, value: toml::Value) {
+    let (section, key) = path.split_once('.').unwrap_or(("", path));
+    let section = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = section {
+        t.insert(key.to_string(), value);
+    }
+}
+
+fn env_value(name: &str, raw: &str, kind: Kind) -> anyhow::Result<toml::Value> {
+    Ok(match kind {
+        Kind::Str => toml::Value::String(raw.to_string()),
+        Kind::Int => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .with_context(|| format!("{name} must be a whole number, got `{raw}`"))?,
+        ),
+    })
+}
+
+/// A value that must not appear in logs or debug output.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A duration written as `250ms`, `2s`, `5m`, `24h`, `7d` or a bare number of seconds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub const fn from_secs(s: u64) -> Self {
+        HumanDuration(Duration::from_secs(s))
+    }
+    pub const fn from_millis(ms: u64) -> Self {
+        HumanDuration(Duration::from_millis(ms))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl fmt::Debug for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_string())
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        let (n, unit) = if ms % 1000 != 0 {
+            (ms, "ms")
+        } else if ms % 86_400_000 == 0 && ms > 0 {
+            (ms / 86_400_000, "d")
+        } else if ms % 3_600_000 == 0 && ms > 0 {
+            (ms / 3_600_000, "h")
+        } else if ms % 60_000 == 0 && ms > 0 {
+            (ms / 60_000, "m")
+        } else {
+            (ms / 1000, "s")
+        };
+        write!(f, "{n}{unit}")
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 2s, 5m, 24h)"))?;
+        let ms = match unit.trim() {
+            "ms" => n,
+            "" | "s" => n * 1000,
+            "m" => n * 60_000,
+            "h" => n * 3_600_000,
+            "d" => n * 86_400_000,
+            _ => return Err(format!("`{s}` has an unknown unit (use ms, s, m, h or d)")),
+        };
+        Ok(HumanDuration(Duration::from_millis(ms)))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(HumanDuration::from_secs(s)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut v = vec![(
+            "CONFIG_DIR".to_string(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config").to_string(),
+        )];
+        v.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        v
+    }
+
+    #[test]
+    fn default_toml_equals_code_defaults() {
+        let from_file: Settings =
+            toml::from_str(EMBEDDED_DEFAULT).expect("config/default.toml parses");
+        assert_eq!(from_file, Settings::default());
+        let on_disk =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+                .unwrap();
+        assert_eq!(on_disk, EMBEDDED_DEFAULT);
+    }
+
+    #[test]
+    fn every_env_key_names_a_documented_key() {
+        let table: toml::Table = EMBEDDED_DEFAULT.parse().unwrap();
+        for (name, path, _) in ENV_KEYS {
+            let (section, key) = path.split_once('.').unwrap();
+            let found = table.get(section).and_then(|s| s.get(key));
+            assert!(
+                found.is_some(),
+                "{name} sets {path}, which config/default.toml does not document"
+            );
+            assert!(
+                EMBEDDED_DEFAULT.contains(name),
+                "config/default.toml does not mention {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn environment_variables_override_files() {
+        let s = Settings::load_from(&vars(&[
+            ("DATABASE_URL", "postgres://x@localhost/db"),
+            ("DB_MAX_OPEN_CONNS", "25"),
+            ("DB_CONN_MAX_LIFETIME", "5m"),
+            ("JWT_EXPIRY", "24h"),
+            ("LOG_FORMAT", "json"),
+            ("PORT", "9999"),
+        ]))
+        .unwrap();
+        assert_eq!(s.database.url.expose(), "postgres://x@localhost/db");
+        assert_eq!(s.database.max_open_conns, 25);
+        assert_eq!(s.database.conn_max_lifetime.get(), Duration::from_secs(300));
+        assert_eq!(s.auth.jwt_expiry.get(), Duration::from_secs(86400));
+        assert_eq!(s.log.format, "json");
+        assert_eq!(s.server.port, 9999);
+    }
+
+    #[test]
+    fn production_binds_all_interfaces_and_demands_a_strong_secret() {
+        let err = Settings::load_from(&vars(&[("APP_ENV", "production")])).unwrap_err();
+        assert!(format!("{err:#}").contains("openssl rand"), "{err:#}");
+        let err = Settings::load_from(&vars(&[("APP_ENV", "production"), ("JWT_SECRET", "short")]))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("too short"), "{err:#}");
+        let s = Settings::load_from(&vars(&[
+            ("APP_ENV", "production"),
+            ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ]))
+        .unwrap();
+        assert_eq!(s.server.host, "0.0.0.0");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.toml"), "[server]\nprot = 1\n").unwrap();
+        let err = Settings::load_from(&[("CONFIG_DIR".into(), dir.path().display().to_string())])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("prot"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        let err = Settings::load_from(&vars(&[("DB_MAX_OPEN_CONNS", "many")])).unwrap_err();
+        assert!(format!("{err:#}").contains("DB_MAX_OPEN_CONNS"), "{err:#}");
+        let err = Settings::load_from(&vars(&[("JWT_EXPIRY", "soon")])).unwrap_err();
+        assert!(format!("{err:#}").contains("soon"), "{err:#}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Settings::load_from(&vars(&[(
+            "JWT_SECRET",
+            "0123456789abcdef0123456789abcdef-top",
+        )]))
+        .unwrap();
+        assert!(!format!("{s:?}").contains("top"));
+    }
+
+    #[test]
+    fn durations_round_trip() {
+        for text in ["250ms", "2s", "5m", "24h", "7d"] {
+            let d: HumanDuration = text.parse().unwrap();
+            assert_eq!(d.to_string(), text);
+        }
+        assert_eq!(
+            "3600".parse::<HumanDuration>().unwrap().get(),
+            Duration::from_secs(3600)
+        );
+    }
+}

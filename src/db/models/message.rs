@@ -1,0 +1,207 @@
+use std::collections::HashMap;
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use serde::Serialize;
+
+use super::session::ACTIVE;
+use crate::db::schema::{chat_messages, chat_sessions};
+use crate::db::DbConnection;
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = chat_messages)]
+pub struct ChatMessage {
+    #[serde(skip)]
+    pub id: i64,
+    pub session_id: String,
+    pub seq: i64,
+    pub role: String,
+    pub author_id: Option<String>,
+    pub content: String,
+    pub client_id: Option<String>,
+    pub interrupted: bool,
+    pub model: Option<String>,
+    pub tokens: Option<i32>,
+    #[serde(serialize_with = "crate::db::models::serialize_time")]
+    pub created_at: NaiveDateTime,
+}
+
+/// A message to store; `seq` is given by the store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub session_id: String,
+    pub role: &'static str,
+    pub author_id: Option<String>,
+    pub content: String,
+    pub client_id: Option<String>,
+    pub interrupted: bool,
+    pub model: Option<String>,
+    pub tokens: Option<i32>,
+}
+
+/// A stored message, and whether it had been stored before under the same client id.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub message: ChatMessage,
+    pub duplicate: bool,
+}
+
+/// Why one message of a batch was not stored. The rest of the batch is unaffected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected {
+    SessionNotFound,
+    SessionNotActive(String),
+}
+
+/// Stores a batch of messages in one transaction and returns one outcome per message, in order.
+///
+/// Each conversation's `last_seq` is read once, advanced in memory for every message of the
+/// batch, and written back once, so seq has no gaps. A message whose client id is already
+/// stored in its conversation is not stored again: its outcome is the first copy. The caller
+/// must not run two batches for the same conversation at once (the committer routes each
+/// conversation to one lane).
+pub fn append_batch(
+    conn: &mut DbConnection,
+    batch: &[NewMessage],
+) -> QueryResult<Vec<Result<Appended, Rejected>>> {
+    conn.transaction(|conn| {
+        let now = super::now();
+        let mut ids: Vec<&str> = batch.iter().map(|m| m.session_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Write first: on SQLite this takes the write lock at the start of the transaction,
+        // so a reader cannot be refused the upgrade half-way.
+        diesel::update(chat_sessions::table.filter(chat_sessions::id.eq_any(&ids)))
+            .set(chat_sessions::updated_at.eq(now))
+            .execute(conn)?;
+        let sessions: HashMap<String, (String, i64)> = chat_sessions::table
+            .filter(chat_sessions::id.eq_any(&ids))
+            .select((
+                chat_sessions::id,
+                chat_sessions::status,
+                chat_sessions::last_seq,
+            ))
+            .load::<(String, String, i64)>(conn)?
+            .into_iter()
+            .map(|(id, status, seq)| (id, (status, seq)))
+            .collect();
+        let mut next: HashMap<&str, i64> = HashMap::new();
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut outcomes: Vec<Result<Appended, Rejected>> = Vec::with_capacity(batch.len());
+
+        for (i, m) in batch.iter().enumerate() {
+            let Some((status, last_seq)) = sessions.get(&m.session_id) else {
+                outcomes.push(Err(Rejected::SessionNotFound));
+                continue;
+            };
+            if let Some(client_id) = m.client_id.as_deref() {
+                if let Some(&first) = seen.get(&(m.session_id.as_str(), client_id)) {
+                    let earlier = outcomes[first].clone().map(|a| Appended {
+                        duplicate: true,
+                        ..a
+                    });
+                    outcomes.push(earlier);
+                    continue;
+                }
+                seen.insert((m.session_id.as_str(), client_id), i);
+                let stored = chat_messages::table
+                    .filter(chat_messages::session_id.eq(&m.session_id))
+                    .filter(chat_messages::client_id.eq(client_id))
+                    .select(ChatMessage::as_select())
+                    .first(conn)
+                    .optional()?;
+                if let Some(message) = stored {
+                    outcomes.push(Ok(Appended {
+                        message,
+                        duplicate: true,
+                    }));
+                    continue;
+                }
+            }
+            if status != ACTIVE {
+                outcomes.push(Err(Rejected::SessionNotActive(status.clone())));
+                continue;
+            }
+            let seq = next.entry(m.session_id.as_str()).or_insert(*last_seq);
+            *seq += 1;
+            let message = ChatMessage {
+                id: 0,
+                session_id: m.session_id.clone(),
+                seq: *seq,
+                role: m.role.to_string(),
+                author_id: m.author_id.clone(),
+                content: m.content.clone(),
+                client_id: m.client_id.clone(),
+                interrupted: m.interrupted,
+                model: m.model.clone(),
+                tokens: m.tokens,
+                created_at: now,
+            };
+            diesel::insert_into(chat_messages::table)
+                .values((
+                    chat_messages::session_id.eq(&message.session_id),
+                    chat_messages::seq.eq(message.seq),
+                    chat_messages::role.eq(&message.role),
+                    chat_messages::author_id.eq(&message.author_id),
+                    chat_messages::content.eq(&message.content),
+                    chat_messages::client_id.eq(&message.client_id),
+                    chat_messages::interrupted.eq(message.interrupted),
+                    chat_messages::model.eq(&message.model),
+                    chat_messages::tokens.eq(message.tokens),
+                    chat_messages::created_at.eq(message.created_at),
+                ))
+                .execute(conn)?;
+            outcomes.push(Ok(Appended {
+                message,
+                duplicate: false,
+            }));
+        }
+        for (id, seq) in next {
+            diesel::update(chat_sessions::table.find(id))
+                .set(chat_sessions::last_seq.eq(seq))
+                .execute(conn)?;
+        }
+        Ok(outcomes)
+    })
+}
+
+/// Oldest first or newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Asc,
+    Desc,
+}
+
+/// A page of history. Ascending pages start after `cursor`, descending pages before it.
+pub fn page(
+    conn: &mut DbConnection,
+    session_id: &str,
+    order: Order,
+    cursor: Option<i64>,
+    limit: i64,
+) -> QueryResult<Vec<ChatMessage>> {
+    let mut query = chat_messages::table
+        .filter(chat_messages::session_id.eq(session_id.to_string()))
+        .select(ChatMessage::as_select())
+        .limit(limit)
+        .into_boxed();
+    query = match order {
+        Order::Asc => query.order(chat_messages::seq.asc()),
+        Order::Desc => query.order(chat_messages::seq.desc()),
+    };
+    if let Some(c) = cursor {
+        query = match order {
+            Order::Asc => query.filter(chat_messages::seq.gt(c)),
+            Order::Desc => query.filter(chat_messages::seq.lt(c)),
+        };
+    }
+    query.load(conn)
+}
+
+/// Every message and its row count for a conversation (tests and check tools).
+pub fn count(conn: &mut DbConnection, session_id: &str) -> QueryResult<i64> {
+    chat_messages::table
+        .filter(chat_messages::session_id.eq(session_id))
+        .count()
+        .get_result(conn)
+}

@@ -1,0 +1,106 @@
+//! The one error type that reaches clients.
+//!
+//! Every failure a client can see has a stable snake_case code; `status()` is the single place
+//! that maps codes to HTTP statuses. Causes (database errors, panics) are logged where they
+//! happen and never sent to clients.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("the message is larger than {0} bytes")]
+    MessageTooLarge(usize),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("the token has expired; refresh it or sign in again")]
+    TokenExpired,
+    #[error("this account is disabled")]
+    AccountDisabled,
+    #[error("email or password is wrong")]
+    InvalidCredentials,
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the conversation is {0}")]
+    SessionNotActive(String),
+    #[error("{0} is unavailable")]
+    Unavailable(&'static str),
+    #[error("internal error; the cause is in the server log")]
+    Internal,
+}
+
+impl ApiError {
+    /// The stable code clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::MessageTooLarge(_) => "message_too_large",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::TokenExpired => "token_expired",
+            ApiError::AccountDisabled => "account_disabled",
+            ApiError::InvalidCredentials => "invalid_credentials",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::SessionNotActive(_) => "session_not_active",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    /// Logs the cause and returns the error a client may see.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        log::error!("{cause}");
+        ApiError::Internal
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: String,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge(_) | ApiError::MessageTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::Unauthorized(_)
+            | ApiError::TokenExpired
+            | ApiError::AccountDisabled
+            | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) | ApiError::SessionNotActive(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        if self.status_code() == StatusCode::UNAUTHORIZED {
+            res.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        res.json(ErrorBody {
+            error: self.code(),
+            message: self.to_string(),
+        })
+    }
+}
