@@ -24,8 +24,9 @@ pub const MIN_SECRET_BYTES: usize = 32;
 const DEVELOPMENT_SECRET: &str = "switchboard-development-secret-do-not-use-in-production";
 
 /// Which deployment this process is: picks `config/<env>.toml` and development conveniences.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Environment {
+    #[default]
     Development,
     Production,
 }
@@ -64,15 +65,13 @@ pub struct Settings {
     pub log: LogSettings,
     /// Conversation limits.
     pub chat: ChatSettings,
+    /// WebSocket connections.
+    pub realtime: RealtimeSettings,
+    /// The AI consultant.
+    pub ai: AiSettings,
     /// Not read from files: set from `APP_ENV`.
     #[serde(skip)]
     pub environment: Environment,
-}
-
-impl Default for Environment {
-    fn default() -> Self {
-        Environment::Development
-    }
 }
 
 impl Default for Settings {
@@ -83,6 +82,8 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             log: LogSettings::default(),
             chat: ChatSettings::default(),
+            realtime: RealtimeSettings::default(),
+            ai: AiSettings::default(),
             environment: Environment::Development,
         }
     }
@@ -127,6 +128,8 @@ pub struct DatabaseSettings {
     pub acquire_timeout: HumanDuration,
     /// SQLite only: how long a writer waits for the lock.
     pub busy_timeout: HumanDuration,
+    /// Most messages stored in one transaction (group commit); 1 turns grouping off.
+    pub group_commit_max: usize,
 }
 
 impl Default for DatabaseSettings {
@@ -138,6 +141,7 @@ impl Default for DatabaseSettings {
             conn_max_lifetime: HumanDuration::from_secs(30 * 60),
             acquire_timeout: HumanDuration::from_secs(5),
             busy_timeout: HumanDuration::from_secs(5),
+            group_commit_max: 256,
         }
     }
 }
@@ -214,6 +218,58 @@ impl Default for ChatSettings {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RealtimeSettings {
+    /// How often the server pings each socket.
+    pub heartbeat_interval: HumanDuration,
+    /// A socket silent this long (no frame, no pong) is closed.
+    pub client_timeout: HumanDuration,
+    /// Frames waiting to be written to one socket; a client further behind is disconnected.
+    pub outbound_queue: usize,
+    /// Largest WebSocket frame accepted, in bytes; a larger one closes the socket (1009).
+    pub max_frame_bytes: usize,
+    /// Stored messages per replay page after `resume` (pages follow one another).
+    pub resume_max: i64,
+}
+
+impl Default for RealtimeSettings {
+    fn default() -> Self {
+        RealtimeSettings {
+            heartbeat_interval: HumanDuration::from_secs(10),
+            client_timeout: HumanDuration::from_secs(30),
+            outbound_queue: 256,
+            max_frame_bytes: 64 * 1024,
+            resume_max: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AiSettings {
+    /// Inference workers (actors) answering in parallel; each runs many streams.
+    pub workers: usize,
+    /// Stored messages given to the model as the conversation so far.
+    pub history_messages: i64,
+    /// The demo model's pause between tokens.
+    pub demo_token_delay: HumanDuration,
+    /// Fault injection for tests: when not empty, the demo model panics on a customer message
+    /// containing this text. Leave empty in production.
+    pub demo_panic_trigger: String,
+}
+
+impl Default for AiSettings {
+    fn default() -> Self {
+        AiSettings {
+            workers: 2,
+            history_messages: 20,
+            demo_token_delay: HumanDuration::from_millis(30),
+            demo_panic_trigger: String::new(),
+        }
+    }
+}
+
 /// How an environment variable's text becomes a TOML value.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -247,6 +303,22 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("LOG_FORMAT", "log.format", Kind::Str),
     ("MAX_MESSAGE_BYTES", "chat.max_message_bytes", Kind::Int),
     ("RESTORE_WINDOW", "chat.restore_window", Kind::Str),
+    (
+        "DB_GROUP_COMMIT_MAX",
+        "database.group_commit_max",
+        Kind::Int,
+    ),
+    (
+        "WS_HEARTBEAT_INTERVAL",
+        "realtime.heartbeat_interval",
+        Kind::Str,
+    ),
+    ("WS_CLIENT_TIMEOUT", "realtime.client_timeout", Kind::Str),
+    ("WS_OUTBOUND_QUEUE", "realtime.outbound_queue", Kind::Int),
+    ("WS_MAX_FRAME_BYTES", "realtime.max_frame_bytes", Kind::Int),
+    ("AI_WORKERS", "ai.workers", Kind::Int),
+    ("AI_HISTORY_MESSAGES", "ai.history_messages", Kind::Int),
+    ("AI_DEMO_TOKEN_DELAY", "ai.demo_token_delay", Kind::Str),
 ];
 
 impl Settings {
@@ -319,6 +391,12 @@ impl Settings {
         match self.log.format.as_str() {
             "text" | "json" => {}
             other => bail!("LOG_FORMAT must be `text` or `json`, got `{other}`"),
+        }
+        if self.realtime.outbound_queue == 0
+            || self.ai.workers == 0
+            || self.database.group_commit_max == 0
+        {
+            bail!("WS_OUTBOUND_QUEUE, AI_WORKERS and DB_GROUP_COMMIT_MAX must be at least 1");
         }
         if self.database.max_open_conns == 0 {
             bail!("DB_MAX_OPEN_CONNS must be at least 1");
@@ -427,13 +505,13 @@ impl fmt::Debug for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        let (n, unit) = if ms % 1000 != 0 {
+        let (n, unit) = if !ms.is_multiple_of(1000) {
             (ms, "ms")
-        } else if ms % 86_400_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(86_400_000) && ms > 0 {
             (ms / 86_400_000, "d")
-        } else if ms % 3_600_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(3_600_000) && ms > 0 {
             (ms / 3_600_000, "h")
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             (ms / 60_000, "m")
         } else {
             (ms / 1000, "s")

@@ -12,12 +12,12 @@ use serde::Serialize;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("{}", .0.message())]
+    InvalidInput(crate::db::models::message::InvalidInput),
     #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
-    #[error("the message is larger than {0} bytes")]
-    MessageTooLarge(usize),
     #[error("{0}")]
     Unauthorized(&'static str),
     #[error("the token has expired; refresh it or sign in again")]
@@ -45,9 +45,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidInput(e) => e.code(),
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
-            ApiError::MessageTooLarge(_) => "message_too_large",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::TokenExpired => "token_expired",
             ApiError::AccountDisabled => "account_disabled",
@@ -77,10 +77,13 @@ struct ErrorBody<'a> {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge(_) | ApiError::MessageTooLarge(_) => {
+            ApiError::InvalidInput(crate::db::models::message::InvalidInput::TooLarge(_)) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ApiError::BadRequest(_) | ApiError::InvalidJson(_) | ApiError::InvalidInput(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_)
             | ApiError::TokenExpired
             | ApiError::AccountDisabled

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod protocol;
+pub mod providers;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;

@@ -9,10 +9,15 @@ use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
+use actix::Addr;
+
+use crate::actors::inference::InferencePool;
 use crate::actors::persistence::Db;
+use crate::actors::session_manager::SessionManager;
 use crate::auth::JwtKeys;
 use crate::config::Settings;
 use crate::db;
+use crate::providers::demo::DemoProvider;
 use crate::routes;
 use crate::telemetry::RequestId;
 
@@ -24,6 +29,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub db: Db,
     pub jwt: JwtKeys,
+    pub manager: Addr<SessionManager>,
 }
 
 pub struct Application {
@@ -50,10 +56,28 @@ impl Application {
         })?;
         let port = listener.local_addr()?.port();
 
+        let provider = Arc::new(DemoProvider::new(
+            settings.ai.demo_token_delay.get(),
+            &settings.ai.demo_panic_trigger,
+        ));
+        let inference = InferencePool::start(
+            settings.ai.workers,
+            provider,
+            db.clone(),
+            settings.ai.history_messages,
+        );
+        let manager = SessionManager::start(
+            db.clone(),
+            inference,
+            settings.database.group_commit_max,
+            settings.realtime.resume_max,
+            settings.realtime.outbound_queue,
+        );
         let state = web::Data::new(AppState {
             jwt: JwtKeys::new(&settings.auth)?,
             settings: Arc::new(settings.clone()),
             db,
+            manager,
         });
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -7,6 +7,7 @@ mod auth;
 mod health;
 mod sessions;
 mod users;
+mod ws;
 
 use actix_web::dev::ServiceResponse;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
@@ -33,7 +34,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .configure(auth::routes)
             .configure(users::routes)
             .configure(sessions::routes)
-            .configure(sessions::admin_routes),
+            .configure(sessions::admin_routes)
+            .configure(ws::routes),
     )
     .service(web::scope("/api").configure(sessions::routes))
     .default_service(web::to(not_found));
@@ -101,18 +103,13 @@ fn path_error(e: PathError) -> ApiError {
     ApiError::BadRequest(format!("bad path: {e}"))
 }
 
-/// Checks text a user typed: no NUL (PostgreSQL cannot store it), at most `max` bytes,
-/// and not blank when `required`.
-pub fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiError> {
-    if required && value.trim().is_empty() {
-        return Err(ApiError::BadRequest(format!("`{field}` must not be empty")));
-    }
+/// Checks a short text field (a title): at most `max` bytes, no NUL (PostgreSQL cannot
+/// store it). Message content has its own rules in `message::check_content`.
+pub fn check_field(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.len() > max {
-        return Err(if field == "content" {
-            ApiError::MessageTooLarge(max)
-        } else {
-            ApiError::BadRequest(format!("`{field}` must be at most {max} bytes"))
-        });
+        return Err(ApiError::BadRequest(format!(
+            "`{field}` must be at most {max} bytes"
+        )));
     }
     if value.contains('\0') {
         return Err(ApiError::BadRequest(format!(

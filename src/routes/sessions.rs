@@ -9,16 +9,16 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::{check_text, page_limit};
+use super::{check_field, page_limit};
+use crate::actors::session_manager::messages::{AppendFailure, Origin, PostMessage};
 use crate::auth::{AuthUser, Staff};
 use crate::db::models::message::{self, Order, Rejected};
 use crate::db::models::session::{self, Cursor, StatusChange};
-use crate::db::models::{ChatMessage, ChatSession, NewMessage, Role};
+use crate::db::models::{ChatMessage, ChatSession, Role};
 use crate::error::ApiError;
 use crate::startup::AppState;
 
 const MAX_TITLE_BYTES: usize = 200;
-const MAX_CLIENT_ID_BYTES: usize = 64;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/chat/sessions", web::post().to(create))
@@ -75,7 +75,7 @@ struct MessageList {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PostMessage {
+struct NewPost {
     content: String,
     client_id: Option<String>,
     /// Optional; when given it must be the caller's own role (`user` for customers, `agent`).
@@ -90,7 +90,7 @@ async fn create(
     // The body is optional: no body means an untitled conversation.
     let body: CreateSession = super::optional_json(&body)?;
     let title = body.title.unwrap_or_default();
-    check_text("title", &title, MAX_TITLE_BYTES, false)?;
+    check_field("title", &title, MAX_TITLE_BYTES)?;
     let id = uuid::Uuid::new_v4().to_string();
     let created = state
         .db
@@ -214,10 +214,10 @@ async fn post_message(
     state: web::Data<AppState>,
     caller: AuthUser,
     path: web::Path<String>,
-    body: web::Json<PostMessage>,
+    body: web::Json<NewPost>,
 ) -> Result<HttpResponse, ApiError> {
     let found = visible_session(&state, &caller, path.into_inner()).await?;
-    let PostMessage {
+    let NewPost {
         content,
         client_id,
         role,
@@ -230,34 +230,35 @@ async fn post_message(
             ));
         }
     }
-    check_text(
-        "content",
-        &content,
-        state.settings.chat.max_message_bytes,
-        true,
-    )?;
+    message::check_content(&content, state.settings.chat.max_message_bytes)
+        .map_err(ApiError::InvalidInput)?;
     if let Some(id) = client_id.as_deref() {
-        check_client_id(id)?;
+        message::check_client_id(id).map_err(ApiError::InvalidInput)?;
     }
-    let new = NewMessage {
+    // Through the SessionManager like a socket's message: stored with the next seq, shown
+    // live to everyone in the conversation, and answered by the AI when a customer wrote it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.manager.do_send(PostMessage {
         session_id: found.id,
-        role: own_role,
-        author_id: Some(caller.id),
-        content,
+        author_id: caller.id,
+        role: caller.role,
         client_id,
-        interrupted: false,
-        model: None,
-        tokens: None,
-    };
-    let mut outcomes = state
-        .db
-        .run(move |c| Ok(message::append_batch(c, std::slice::from_ref(&new))?))
-        .await?;
-    match outcomes.pop() {
-        Some(Ok(appended)) if appended.duplicate => Ok(HttpResponse::Ok().json(appended.message)),
-        Some(Ok(appended)) => Ok(super::created(&appended.message)),
-        Some(Err(Rejected::SessionNotActive(status))) => Err(ApiError::SessionNotActive(status)),
-        Some(Err(Rejected::SessionNotFound)) | None => Err(ApiError::NotFound("conversation")),
+        content,
+        origin: Origin::Http(tx),
+    });
+    match rx
+        .await
+        .map_err(|_| ApiError::Unavailable("the message store"))?
+    {
+        Ok(appended) if appended.duplicate => Ok(HttpResponse::Ok().json(appended.message)),
+        Ok(appended) => Ok(super::created(&appended.message)),
+        Err(AppendFailure::Rejected(Rejected::SessionNotActive(status))) => {
+            Err(ApiError::SessionNotActive(status))
+        }
+        Err(AppendFailure::Rejected(Rejected::SessionNotFound)) => {
+            Err(ApiError::NotFound("conversation"))
+        }
+        Err(AppendFailure::Store) => Err(ApiError::Unavailable("the message store")),
     }
 }
 
@@ -329,16 +330,6 @@ pub async fn visible_session(
     } else {
         Err(ApiError::NotFound("conversation"))
     }
-}
-
-pub fn check_client_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(ApiError::BadRequest(format!(
-            "`client_id` must be 1 to {MAX_CLIENT_ID_BYTES} printable ASCII characters"
-        )));
-    }
-    Ok(())
 }
 
 fn encode_cursor(s: &ChatSession) -> String {

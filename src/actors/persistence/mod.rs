@@ -5,6 +5,7 @@
 //! A panic inside a unit of work is caught here: the caller gets `DbError::Panicked`, the thread
 //! lives on, and the connection (left inside a broken transaction) is discarded by the pool.
 
+pub mod committer;
 pub mod messages;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -39,6 +39,64 @@ pub struct NewMessage {
     pub tokens: Option<i32>,
 }
 
+/// Longest client id accepted, in bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 64;
+
+/// Why text a user typed cannot be stored. One set of rules for HTTP and WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidInput {
+    Empty,
+    TooLarge(usize),
+    /// PostgreSQL cannot store NUL in text.
+    Nul,
+    ClientId,
+}
+
+impl InvalidInput {
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidInput::Empty => "empty_message",
+            InvalidInput::TooLarge(_) => "message_too_large",
+            InvalidInput::Nul => "invalid_content",
+            InvalidInput::ClientId => "invalid_client_id",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            InvalidInput::Empty => "`content` must not be empty".into(),
+            InvalidInput::TooLarge(max) => format!("`content` must be at most {max} bytes"),
+            InvalidInput::Nul => "`content` must not contain NUL characters".into(),
+            InvalidInput::ClientId => {
+                format!("`client_id` must be 1 to {MAX_CLIENT_ID_BYTES} printable ASCII characters")
+            }
+        }
+    }
+}
+
+/// Checks a message as typed: not blank, at most `max` bytes, no NUL. It is stored as is.
+pub fn check_content(content: &str, max: usize) -> Result<(), InvalidInput> {
+    if content.trim().is_empty() {
+        return Err(InvalidInput::Empty);
+    }
+    if content.len() > max {
+        return Err(InvalidInput::TooLarge(max));
+    }
+    if content.contains('\0') {
+        return Err(InvalidInput::Nul);
+    }
+    Ok(())
+}
+
+/// A client id is 1 to 64 printable ASCII characters.
+pub fn check_client_id(id: &str) -> Result<(), InvalidInput> {
+    if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(InvalidInput::ClientId);
+    }
+    Ok(())
+}
+
 /// A stored message, and whether it had been stored before under the same client id.
 #[derive(Debug, Clone)]
 pub struct Appended {

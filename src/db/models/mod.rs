@@ -19,14 +19,16 @@ pub fn now() -> chrono::NaiveDateTime {
 }
 
 /// Timestamps go over the wire as RFC 3339 in UTC (`2026-11-22T10:00:00.123456Z`).
+pub fn serialize_time_string(t: &chrono::NaiveDateTime) -> String {
+    t.and_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 pub fn serialize_time<S: serde::Serializer>(
     t: &chrono::NaiveDateTime,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    s.collect_str(
-        &t.and_utc()
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-    )
+    s.serialize_str(&serialize_time_string(t))
 }
 
 pub fn serialize_opt_time<S: serde::Serializer>(

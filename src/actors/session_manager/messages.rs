@@ -1,0 +1,160 @@
+use actix::prelude::*;
+use bytestring::ByteString;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::models::message::Rejected;
+use crate::db::models::{Appended, ChatMessage, Role};
+
+pub use crate::actors::ws_session::messages::Kick;
+
+/// Identifies one WebSocket connection on this node.
+pub type ConnId = u64;
+
+/// What a connection's writer sends to its socket. One item is one slot of the bounded queue.
+#[derive(Debug)]
+pub enum Out {
+    Frame(ByteString),
+    /// A replay: many frames in one slot, so a resume cannot overflow the queue by itself.
+    Batch(Vec<ByteString>),
+    Ping,
+    Pong(actix_web::web::Bytes),
+}
+
+/// The sending half of a connection's bounded outbound queue.
+pub type Outbox = mpsc::Sender<Out>;
+
+/// A connection opened: start routing to it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Connect {
+    pub conn_id: ConnId,
+    pub user_id: String,
+    pub role: Role,
+    pub outbox: Outbox,
+    pub kick: Recipient<Kick>,
+}
+
+/// A connection closed: forget it everywhere.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub conn_id: ConnId,
+}
+
+/// Subscribe a connection to a conversation. With `after_seq`, first replay every stored
+/// message after it; without, only live events (a `send` into a conversation joins it so).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Join {
+    pub conn_id: ConnId,
+    pub session_id: String,
+    pub after_seq: Option<i64>,
+}
+
+/// Unsubscribe a connection from a conversation.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub conn_id: ConnId,
+    pub session_id: String,
+}
+
+/// A message to store and route, from a socket or from HTTP.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PostMessage {
+    pub session_id: String,
+    pub author_id: String,
+    pub role: Role,
+    pub client_id: Option<String>,
+    pub content: String,
+    pub origin: Origin,
+}
+
+/// Someone started or stopped typing.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Typing {
+    pub conn_id: ConnId,
+    pub session_id: String,
+    pub active: bool,
+}
+
+/// Cancel the AI answer in flight in a conversation.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopReply {
+    pub session_id: String,
+}
+
+/// Who asked for a write, so the outcome goes back to them.
+#[derive(Debug)]
+pub enum Origin {
+    Socket {
+        conn_id: ConnId,
+        session_id: String,
+        client_id: String,
+    },
+    Http(oneshot::Sender<Result<Appended, AppendFailure>>),
+    Reply {
+        reply_id: String,
+    },
+}
+
+/// Why a message was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendFailure {
+    Rejected(Rejected),
+    /// The database failed; nothing was stored.
+    Store,
+}
+
+/// A batch was committed (or failed); outcomes in the order the messages were posted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Committed {
+    pub outcomes: Vec<(Origin, Result<Appended, AppendFailure>)>,
+}
+
+/// Stored messages for a resuming connection.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Replayed {
+    pub conn_id: ConnId,
+    pub session_id: String,
+    /// The seq the page starts after; a page that no longer matches the member is stale.
+    pub after: i64,
+    pub messages: Result<Vec<ChatMessage>, ()>,
+}
+
+/// A piece of an AI answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TokenChunk {
+    pub session_id: String,
+    pub reply_id: String,
+    pub delta: String,
+}
+
+/// How an AI answer ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyOutcome {
+    Complete,
+    /// Cancelled by `stop`, takeover or shutdown.
+    Cancelled,
+    /// The provider failed or panicked; `code` is sent to the customer.
+    Failed {
+        code: &'static str,
+        message: String,
+    },
+}
+
+/// An AI answer ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReplyFinished {
+    pub session_id: String,
+    pub reply_id: String,
+    pub outcome: ReplyOutcome,
+    pub model: Option<String>,
+}

@@ -1,0 +1,450 @@
+//! WsSession: one actor per WebSocket connection.
+//!
+//! Runs on the HTTP worker's arbiter that accepted the connection. It owns the socket: it
+//! reads frames (an `actix-ws` stream added to the actor), checks each against the caller's
+//! rights, and hands it to the SessionManager. Writing is done by a separate task that drains
+//! the connection's bounded outbound queue into the socket; the SessionManager and this actor
+//! both queue into it. Registers with the SessionManager in `started()`, leaves in
+//! `stopping()`, pings on a heartbeat and drops a client that stays silent too long.
+
+pub mod messages;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_ws::{CloseCode, CloseReason, ProtocolError};
+use bytestring::ByteString;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actors::persistence::Db;
+use crate::actors::session_manager::messages::{
+    ConnId, Connect, Disconnect, Join, Leave, Origin, Out, PostMessage, StopReply, Typing,
+};
+use crate::actors::session_manager::SessionManager;
+use crate::auth::AuthUser;
+use crate::db::models::{message, session as sessions};
+use crate::protocol::{self, ClientFrame, ServerFrame};
+
+pub use messages::Kick;
+
+/// How long the writer keeps trying to say goodbye to a client that is not reading.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+const MAX_SESSION_ID_BYTES: usize = 64;
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Limits a connection works within.
+#[derive(Clone)]
+pub struct Limits {
+    pub heartbeat_interval: Duration,
+    pub client_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+pub struct WsSession {
+    id: ConnId,
+    user: AuthUser,
+    manager: Addr<SessionManager>,
+    db: Db,
+    outbox: mpsc::Sender<Out>,
+    /// Fired to make the writer close the socket at once, past whatever is queued.
+    kill: Option<oneshot::Sender<Kick>>,
+    limits: Limits,
+    last_heard: Instant,
+    /// Conversations this caller was found allowed into (checked once per connection).
+    allowed: HashSet<String>,
+}
+
+impl WsSession {
+    /// Creates the actor for an upgraded socket and starts its writer task.
+    pub fn start(
+        user: AuthUser,
+        manager: Addr<SessionManager>,
+        db: Db,
+        socket: actix_ws::Session,
+        stream: actix_ws::AggregatedMessageStream,
+        limits: Limits,
+        queue: usize,
+    ) {
+        let (outbox, rx) = mpsc::channel(queue.max(1));
+        let (kill, killed) = oneshot::channel();
+        actix::spawn(write_loop(socket, rx, killed));
+        WsSession::create(move |ctx| {
+            ctx.add_stream(stream);
+            WsSession {
+                id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+                user,
+                manager,
+                db,
+                outbox,
+                kill: Some(kill),
+                limits,
+                last_heard: Instant::now(),
+                allowed: HashSet::new(),
+            }
+        });
+    }
+
+    /// Queues a frame of our own (hello, pong, errors). A full queue means a slow consumer.
+    fn send(&mut self, frame: &ServerFrame, ctx: &mut Context<Self>) {
+        let text = ByteString::from(frame.to_text());
+        if self.outbox.try_send(Out::Frame(text)).is_err() {
+            self.close_with(
+                Kick {
+                    code: "slow_consumer",
+                    message: "you are not reading fast enough; reconnect and resume".into(),
+                },
+                ctx,
+            );
+        }
+    }
+
+    fn refuse(
+        &mut self,
+        code: &str,
+        message: impl Into<String>,
+        session_id: Option<&str>,
+        ctx: &mut Context<Self>,
+    ) {
+        let frame = ServerFrame::Error {
+            code: code.to_string(),
+            message: message.into(),
+            session_id: session_id.map(str::to_string),
+            client_id: None,
+        };
+        self.send(&frame, ctx);
+    }
+
+    /// Tells the client why, closes the socket and stops.
+    fn close_with(&mut self, kick: Kick, ctx: &mut Context<Self>) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(kick);
+        }
+        ctx.stop();
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let frame = match protocol::parse(text) {
+            Ok(frame) => frame,
+            Err(e) => return self.refuse(e.code(), e.message(), None, ctx),
+        };
+        match frame {
+            ClientFrame::Ping { nonce } => self.send(&ServerFrame::Pong { nonce }, ctx),
+            ClientFrame::Send {
+                session_id,
+                client_id,
+                content,
+            } => {
+                let checked = message::check_client_id(&client_id)
+                    .and_then(|()| message::check_content(&content, self.limits.max_message_bytes));
+                if let Err(invalid) = checked {
+                    let frame = ServerFrame::Error {
+                        code: invalid.code().into(),
+                        message: invalid.message(),
+                        session_id: Some(session_id),
+                        client_id: Some(client_id)
+                            .filter(|c| c.len() <= message::MAX_CLIENT_ID_BYTES),
+                    };
+                    return self.send(&frame, ctx);
+                }
+                self.with_access(session_id, ctx, move |act, session_id, _| {
+                    act.manager.do_send(Join {
+                        conn_id: act.id,
+                        session_id: session_id.clone(),
+                        after_seq: None,
+                    });
+                    act.manager.do_send(PostMessage {
+                        session_id: session_id.clone(),
+                        author_id: act.user.id.clone(),
+                        role: act.user.role,
+                        client_id: Some(client_id.clone()),
+                        content,
+                        origin: Origin::Socket {
+                            conn_id: act.id,
+                            session_id,
+                            client_id,
+                        },
+                    });
+                });
+            }
+            ClientFrame::Resume {
+                session_id,
+                after_seq,
+            } => {
+                if after_seq < 0 {
+                    return self.refuse(
+                        "invalid_frame",
+                        "`after_seq` must be 0 or more",
+                        Some(&session_id),
+                        ctx,
+                    );
+                }
+                self.with_access(session_id, ctx, move |act, session_id, _| {
+                    act.manager.do_send(Join {
+                        conn_id: act.id,
+                        session_id,
+                        after_seq: Some(after_seq),
+                    });
+                });
+            }
+            ClientFrame::Typing { session_id, active } => {
+                self.with_access(session_id, ctx, move |act, session_id, _| {
+                    act.manager.do_send(Typing {
+                        conn_id: act.id,
+                        session_id,
+                        active,
+                    });
+                });
+            }
+            ClientFrame::Stop { session_id } => {
+                self.with_access(session_id, ctx, |act, session_id, _| {
+                    act.manager.do_send(StopReply { session_id });
+                });
+            }
+            ClientFrame::Leave { session_id } => {
+                self.allowed.remove(&session_id);
+                self.manager.do_send(Leave {
+                    conn_id: self.id,
+                    session_id,
+                });
+            }
+        }
+    }
+
+    /// Runs `then` once the caller is known to be allowed into `session_id`. The first check
+    /// of a conversation reads the database; while it runs, this connection's later frames
+    /// wait (`ctx.wait`), so frames are handled in the order they were sent.
+    fn with_access<F>(&mut self, session_id: String, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, String, &mut Context<Self>) + 'static,
+    {
+        if self.allowed.contains(&session_id) {
+            return then(self, session_id, ctx);
+        }
+        if session_id.is_empty() || session_id.len() > MAX_SESSION_ID_BYTES {
+            return self.refuse("not_found", "no such conversation", Some(&session_id), ctx);
+        }
+        let db = self.db.clone();
+        let sid = session_id.clone();
+        let check = async move { db.run(move |c| Ok(sessions::find(c, &sid)?)).await };
+        ctx.wait(check.into_actor(self).map(move |found, act, ctx| {
+            let access = match found {
+                Ok(found) => Access::decide(&act.user, found.as_ref()),
+                Err(e) => {
+                    log::error!("checking access to {session_id} failed: {e}");
+                    return act.refuse(
+                        "unavailable",
+                        "the service cannot check this now; try again",
+                        Some(&session_id),
+                        ctx,
+                    );
+                }
+            };
+            match access {
+                Access::Allowed => {
+                    act.allowed.insert(session_id.clone());
+                    then(act, session_id, ctx);
+                }
+                Access::Denied => {
+                    act.refuse("not_found", "no such conversation", Some(&session_id), ctx)
+                }
+            }
+        }));
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        if self.last_heard.elapsed() > self.limits.client_timeout {
+            log::info!("connection {} timed out", self.id);
+            return self.close_with(
+                Kick {
+                    code: "timeout",
+                    message: "no frame or pong within the client timeout".into(),
+                },
+                ctx,
+            );
+        }
+        if self.outbox.try_send(Out::Ping).is_err() {
+            log::debug!("connection {}: queue full at heartbeat", self.id);
+        }
+    }
+}
+
+impl Actor for WsSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.manager.do_send(Connect {
+            conn_id: self.id,
+            user_id: self.user.id.clone(),
+            role: self.user.role,
+            outbox: self.outbox.clone(),
+            kick: ctx.address().recipient(),
+        });
+        let hello = ServerFrame::Hello {
+            protocol: protocol::VERSION,
+            user_id: self.user.id.clone(),
+            role: self.user.role.as_str().to_string(),
+            heartbeat_ms: self.limits.heartbeat_interval.as_millis() as u64,
+        };
+        self.send(&hello, ctx);
+        ctx.run_interval(self.limits.heartbeat_interval, |act, ctx| {
+            act.heartbeat(ctx)
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Context<Self>) -> Running {
+        self.manager.do_send(Disconnect { conn_id: self.id });
+        Running::Stop
+    }
+}
+
+impl StreamHandler<Result<actix_ws::AggregatedMessage, ProtocolError>> for WsSession {
+    fn handle(
+        &mut self,
+        item: Result<actix_ws::AggregatedMessage, ProtocolError>,
+        ctx: &mut Context<Self>,
+    ) {
+        use actix_ws::AggregatedMessage as M;
+        self.last_heard = Instant::now();
+        match item {
+            Ok(M::Text(text)) => self.on_text(&text, ctx),
+            Ok(M::Binary(_)) => self.refuse(
+                "binary_not_supported",
+                "frames are JSON text; binary frames are not read",
+                None,
+                ctx,
+            ),
+            Ok(M::Ping(bytes)) => {
+                let _ = self.outbox.try_send(Out::Pong(bytes));
+            }
+            Ok(M::Pong(_)) => {}
+            Ok(M::Close(reason)) => {
+                log::debug!("connection {} closed by the client: {reason:?}", self.id);
+                ctx.stop();
+            }
+            Err(e) => {
+                let (code, message) = match e {
+                    ProtocolError::Overflow => (
+                        "frame_too_large",
+                        "the frame is larger than the server accepts",
+                    ),
+                    _ => ("protocol_error", "the WebSocket stream is broken"),
+                };
+                log::info!("connection {}: {e}", self.id);
+                self.close_with(
+                    Kick {
+                        code,
+                        message: message.into(),
+                    },
+                    ctx,
+                );
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Kick> for WsSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kick, ctx: &mut Context<Self>) {
+        self.close_with(msg, ctx);
+    }
+}
+
+/// Drains the outbound queue into the socket. When `killed` fires, it stops at once, says why
+/// in an `error` frame and a close frame (giving up after a grace period if the client is not
+/// reading), and ends.
+async fn write_loop(
+    mut socket: actix_ws::Session,
+    mut rx: mpsc::Receiver<Out>,
+    mut killed: oneshot::Receiver<Kick>,
+) {
+    loop {
+        let out = tokio::select! {
+            biased;
+            kick = &mut killed => {
+                if let Ok(kick) = kick {
+                    say_goodbye(socket, kick).await;
+                } else {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
+                }
+                return;
+            }
+            out = rx.recv() => out,
+        };
+        let Some(out) = out else {
+            let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
+            return;
+        };
+        let sent = tokio::select! {
+            biased;
+            kick = &mut killed => {
+                if let Ok(kick) = kick {
+                    say_goodbye(socket, kick).await;
+                }
+                return;
+            }
+            sent = write_one(&mut socket, out) => sent,
+        };
+        if sent.is_err() {
+            return; // the socket is gone; the actor sees the stream end
+        }
+    }
+}
+
+async fn write_one(socket: &mut actix_ws::Session, out: Out) -> Result<(), actix_ws::Closed> {
+    match out {
+        Out::Frame(text) => socket.text(text).await,
+        Out::Batch(texts) => {
+            for text in texts {
+                socket.text(text).await?;
+            }
+            Ok(())
+        }
+        Out::Ping => socket.ping(b"").await,
+        Out::Pong(bytes) => socket.pong(&bytes).await,
+    }
+}
+
+async fn say_goodbye(mut socket: actix_ws::Session, kick: Kick) {
+    let frame = ServerFrame::error(kick.code, kick.message.clone()).to_text();
+    let code = match kick.code {
+        "frame_too_large" => CloseCode::Size,
+        "protocol_error" => CloseCode::Protocol,
+        "shutdown" => CloseCode::Restart,
+        _ => CloseCode::Policy,
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = socket.text(frame).await;
+        let _ = socket
+            .close(Some(CloseReason {
+                code,
+                description: Some(kick.code.to_string()),
+            }))
+            .await;
+    })
+    .await;
+}
+
+/// Whether a caller may reach a conversation.
+enum Access {
+    Allowed,
+    Denied,
+}
+
+impl Access {
+    /// Customers reach their own live conversations; agents and admins reach any that exists.
+    fn decide(user: &AuthUser, found: Option<&sessions::ChatSession>) -> Access {
+        match found {
+            Some(_) if user.is_staff() => Access::Allowed,
+            Some(s) if s.user_id == user.id && s.status != sessions::DELETED => Access::Allowed,
+            _ => Access::Denied,
+        }
+    }
+}
