@@ -666,10 +666,13 @@ mod tests {
 
     #[test]
     fn durations_round_trip() {
-        for text in ["250ms", "2s", "5m", "24h", "7d"] {
+        for text in ["250ms", "2s", "5m", "3h", "7d"] {
             let d: HumanDuration = text.parse().unwrap();
             assert_eq!(d.to_string(), text);
         }
+        let day: HumanDuration = "24h".parse().unwrap();
+        assert_eq!(day.to_string(), "1d");
+        assert_eq!(day.to_string().parse::<HumanDuration>().unwrap(), day);
         assert_eq!(
             "3600".parse::<HumanDuration>().unwrap().get(),
             Duration::from_secs(3600)
