@@ -34,6 +34,13 @@ impl<T: 'static> Handler<RunQuery<T>> for Persistence {
             Ok(result) => result,
             Err(panic) => {
                 log::error!("a database task panicked: {}", panic_message(&panic));
+                // Whatever the task left open must not reach the next user of this connection.
+                // A transaction Diesel opened also marks the connection broken (the pool drops
+                // it); one opened by raw SQL is only ended by this rollback.
+                use diesel::connection::SimpleConnection;
+                if conn.batch_execute("ROLLBACK").is_ok() {
+                    log::warn!("rolled back the transaction the panicked task left open");
+                }
                 Err(DbError::Panicked)
             }
         }
@@ -123,4 +130,48 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DatabaseSettings, Secret};
+    use crate::db::{build_pool, run_migrations};
+
+    /// One thread, one connection: if a panic killed the thread or leaked the connection,
+    /// the query after it could not run.
+    #[actix_rt::test]
+    async fn a_panic_in_a_write_costs_only_that_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = DatabaseSettings {
+            url: Secret::new(format!("sqlite://{}/t.db", dir.path().display())),
+            max_open_conns: 1,
+            max_idle_conns: 1,
+            ..DatabaseSettings::default()
+        };
+        let (pool, backend) = build_pool(&settings).unwrap();
+        let db = Db::start(pool, backend);
+        db.run(|c| Ok(run_migrations(c))).await.unwrap().unwrap();
+
+        let result: Result<(), DbError> = db
+            .run(|c| {
+                use diesel::connection::SimpleConnection;
+                c.batch_execute(
+                    "BEGIN; INSERT INTO users (id, email, role) VALUES ('u', 'u@x', 'customer');",
+                )?;
+                panic!("a write panicked half-way");
+            })
+            .await;
+        assert!(matches!(result, Err(DbError::Panicked)), "{result:?}");
+
+        let users: i64 = db
+            .run(|c| {
+                use crate::db::schema::users;
+                use diesel::prelude::*;
+                Ok(users::table.count().get_result(c)?)
+            })
+            .await
+            .expect("the thread and a connection are still there");
+        assert_eq!(users, 0, "the half-done transaction was not committed");
+    }
 }
