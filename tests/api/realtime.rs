@@ -1,0 +1,811 @@
+//! The realtime core as a client sees it: frames over the WebSocket, checked against what
+//! the REST history and the database hold.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use switchboard::config::HumanDuration;
+use switchboard::db::models::Role;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{expect_json, spawn_app, spawn_app_with, TestApp};
+use crate::ws::{read_until, refused_status, request, try_connect, WsClient, STAFF_PATH};
+
+/// A conversation's whole history through the REST API, following `next_cursor`.
+async fn history(app: &TestApp, token: &str, session_id: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut cursor: Option<i64> = None;
+    loop {
+        let mut path = format!("/api/v1/chat/sessions/{session_id}/messages?limit=200");
+        if let Some(c) = cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page = expect_json(app.get(&path, token).await, 200).await;
+        all.extend(
+            page["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .cloned(),
+        );
+        match page["next_cursor"].as_i64() {
+            Some(c) => cursor = Some(c),
+            None => return all,
+        }
+    }
+}
+
+/// The stored message with `seq`, from the REST history.
+async fn stored(app: &TestApp, token: &str, session_id: &str, seq: i64) -> Value {
+    history(app, token, session_id)
+        .await
+        .into_iter()
+        .find(|m| m["seq"] == seq)
+        .unwrap_or_else(|| panic!("no stored message with seq {seq} in {session_id}"))
+}
+
+/// A new guest with a new conversation: (token, user id, session id).
+async fn customer_with_session(app: &TestApp) -> (String, String, String) {
+    let guest = app.guest().await;
+    let session = app.create_session(&guest.access_token, "help").await;
+    let id = session["id"].as_str().expect("session id").to_string();
+    (guest.access_token, guest.user_id, id)
+}
+
+/// The concatenated `delta`s of the `token` frames in `frames`.
+fn tokens_text(frames: &[Value]) -> String {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "token")
+        .map(|f| f["delta"].as_str().expect("delta"))
+        .collect()
+}
+
+fn millis(ms: u64) -> HumanDuration {
+    HumanDuration::from_millis(ms)
+}
+
+#[tokio::test]
+async fn a_message_is_acked_after_commit_and_answered_token_by_token() {
+    let app = spawn_app().await;
+    let (token, user_id, sid) = customer_with_session(&app).await;
+
+    let mut ws = WsClient::connect_raw(&app, "/api/v1/chat/ws", &token).await;
+    let hello = ws.next().await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    assert_eq!(hello["protocol"], 1, "{hello}");
+    assert_eq!(hello["user_id"], user_id.as_str(), "{hello}");
+    assert_eq!(hello["role"], "customer", "{hello}");
+
+    ws.resume(&sid, 0).await;
+    let resumed = ws.next_of("resumed").await;
+    assert_eq!(resumed["last_seq"], 0, "{resumed}");
+
+    ws.send_message(&sid, "c-1", "How do I reset my password?")
+        .await;
+    let before_ack = ws.until(|f| f["type"] == "ack").await;
+    let ack = before_ack.last().unwrap().clone();
+    assert!(
+        before_ack.iter().all(|f| f["type"] != "error"),
+        "{before_ack:?}"
+    );
+    assert_eq!(ack["client_id"], "c-1", "{ack}");
+    assert_eq!(ack["seq"], 1, "{ack}");
+    assert_eq!(ack["session_id"], sid.as_str(), "{ack}");
+    assert_eq!(ack["duplicate"], false, "{ack}");
+
+    // The ack comes after the commit: the history already holds the message.
+    let first = stored(&app, &token, &sid, 1).await;
+    assert_eq!(first["role"], "user", "{first}");
+    assert_eq!(first["content"], "How do I reset my password?", "{first}");
+    assert_eq!(first["client_id"], "c-1", "{first}");
+
+    let message = ws.next().await;
+    assert_eq!(message["type"], "message", "{message}");
+    assert_eq!(message["seq"], 1, "{message}");
+    assert_eq!(message["role"], "user", "{message}");
+    assert_eq!(message["content"], "How do I reset my password?");
+
+    let frames = ws.until(|f| f["type"] == "reply_done").await;
+    let done = frames.last().unwrap();
+    assert_eq!(done["seq"], 2, "{done}");
+    assert_eq!(done["interrupted"], false, "{done}");
+    let streamed = tokens_text(&frames);
+    assert!(
+        frames.iter().filter(|f| f["type"] == "token").count() > 5,
+        "the answer should come in many tokens: {frames:?}"
+    );
+    assert!(
+        frames
+            .iter()
+            .all(|f| f["type"] == "token" || f["type"] == "reply_done"),
+        "unexpected frames while answering: {frames:?}"
+    );
+
+    let answer = stored(&app, &token, &sid, 2).await;
+    assert_eq!(answer["role"], "assistant", "{answer}");
+    assert_eq!(answer["interrupted"], false, "{answer}");
+    assert_eq!(answer["content"].as_str().unwrap(), streamed);
+    assert!(streamed.starts_with("[Demo consultant]"), "{streamed}");
+}
+
+#[tokio::test]
+async fn the_token_is_checked_before_the_upgrade() {
+    let app = spawn_app().await;
+    let customer = app.guest().await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+
+    // No token, a bad token.
+    assert_eq!(refused_status(request(&app, "/api/v1/chat/ws")).await, 401);
+    let bad = format!(
+        "ws://127.0.0.1:{}/api/v1/chat/ws?token=not.a.token",
+        app.port
+    );
+    assert_eq!(refused_status(bad.as_str().into_req()).await, 401);
+    assert_eq!(refused_status(request(&app, STAFF_PATH)).await, 401);
+
+    // A customer on the staff endpoint.
+    let url = format!(
+        "ws://127.0.0.1:{}{STAFF_PATH}?token={}",
+        app.port, customer.access_token
+    );
+    assert_eq!(refused_status(url.as_str().into_req()).await, 403);
+
+    // An agent on the staff endpoint.
+    let mut staff = WsClient::staff(&app, &agent.access_token).await;
+    staff.ping("a").await;
+
+    // Authorization: Bearer.
+    let mut req = request(&app, "/api/v1/chat/ws");
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {}", customer.access_token)).unwrap(),
+    );
+    let (mut ws, _) = try_connect(req)
+        .await
+        .expect("connecting with a bearer header");
+    let hello = ws.next().await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    assert_eq!(hello["user_id"], customer.user_id.as_str(), "{hello}");
+
+    // The sub-protocol pair; the server must pick switchboard.v1, never echo the token.
+    let mut req = request(&app, "/api/v1/chat/ws");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("switchboard.v1, bearer.{}", customer.access_token))
+            .unwrap(),
+    );
+    let (mut ws, response) = try_connect(req)
+        .await
+        .expect("connecting with sub-protocols");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("switchboard.v1")
+    );
+    let hello = ws.next().await;
+    assert_eq!(hello["user_id"], customer.user_id.as_str(), "{hello}");
+}
+
+trait IntoReq {
+    fn into_req(self) -> tokio_tungstenite::tungstenite::handshake::client::Request;
+}
+
+impl IntoReq for &str {
+    fn into_req(self) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        self.into_client_request().expect("building the request")
+    }
+}
+
+/// Sends `frame`, expects an `error` with `code` (returned), then checks the connection
+/// still answers a ping.
+async fn refused(ws: &mut WsClient, frame: Message, code: &str) -> Value {
+    match frame {
+        Message::Text(text) => ws.send_text(&text).await,
+        Message::Binary(bytes) => ws.send_binary(&bytes).await,
+        other => panic!("cannot send {other:?}"),
+    }
+    let error = ws.next_of("error").await;
+    assert_eq!(error["code"], code, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{error}"
+    );
+    let nonce = format!("after-{code}");
+    let frames = ws.ping(&nonce).await;
+    assert_eq!(frames.len(), 1, "only the pong was expected: {frames:?}");
+    error
+}
+
+fn text(value: Value) -> Message {
+    Message::Text(value.to_string())
+}
+
+#[tokio::test]
+async fn bad_frames_are_refused_and_the_connection_stays_usable() {
+    let app = spawn_app().await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let (_, _, other_sid) = customer_with_session(&app).await;
+    let closed = app.create_session(&token, "closed").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin = app.user("admin@example.com", Role::Admin).await;
+    let res = app
+        .post(
+            &format!("/api/v1/admin/chat/sessions/{closed}/close"),
+            &admin.access_token,
+        )
+        .await;
+    assert!(res.status().is_success(), "closing: {}", res.status());
+
+    let mut ws = WsClient::customer(&app, &token).await;
+    let max = app.settings.chat.max_message_bytes;
+    let send = |client_id: &str, content: &str| {
+        text(json!({"type": "send", "session_id": sid, "client_id": client_id, "content": content}))
+    };
+
+    refused(&mut ws, Message::Text("{not json".into()), "invalid_json").await;
+    refused(&mut ws, text(json!({"type": "dance"})), "unknown_type").await;
+    refused(
+        &mut ws,
+        text(json!({"type": "send", "session_id": sid})),
+        "invalid_frame",
+    )
+    .await;
+    refused(
+        &mut ws,
+        text(json!({"type": "send", "session_id": sid, "client_id": "x", "content": "hi", "admin": true})),
+        "invalid_frame",
+    )
+    .await;
+    let e = refused(
+        &mut ws,
+        send("big", &"a".repeat(max + 1)),
+        "message_too_large",
+    )
+    .await;
+    assert_eq!(e["client_id"], "big", "{e}");
+    refused(&mut ws, send("blank", " \n\t "), "empty_message").await;
+    refused(&mut ws, send("nul", "hello\0world"), "invalid_content").await;
+    refused(&mut ws, send("has spaces", "hello"), "invalid_client_id").await;
+    refused(&mut ws, send(&"x".repeat(65), "hello"), "invalid_client_id").await;
+    refused(
+        &mut ws,
+        Message::Binary(vec![1, 2, 3]),
+        "binary_not_supported",
+    )
+    .await;
+
+    // Someone else's conversation looks like no conversation at all.
+    let e = refused(
+        &mut ws,
+        text(json!({"type": "send", "session_id": other_sid, "client_id": "o1", "content": "hi"})),
+        "not_found",
+    )
+    .await;
+    assert_eq!(e["session_id"], other_sid.as_str(), "{e}");
+    refused(
+        &mut ws,
+        text(json!({"type": "resume", "session_id": other_sid, "after_seq": 0})),
+        "not_found",
+    )
+    .await;
+
+    // A conversation an admin closed takes no more messages.
+    let e = refused(
+        &mut ws,
+        text(json!({"type": "send", "session_id": closed, "client_id": "late-1", "content": "hi"})),
+        "session_not_active",
+    )
+    .await;
+    assert_eq!(e["client_id"], "late-1", "{e}");
+    assert_eq!(e["session_id"], closed.as_str(), "{e}");
+
+    for id in [&sid, &other_sid, &closed] {
+        assert_eq!(app.message_count(id).await, 0, "rows stored in {id}");
+    }
+
+    // And the connection still does real work.
+    ws.send_message(&sid, "ok-1", "now a real one").await;
+    let ack = ws.next_of("ack").await;
+    assert_eq!(ack["seq"], 1, "{ack}");
+    assert_eq!(app.message_count(&sid).await, 1);
+}
+
+#[tokio::test]
+async fn a_resent_client_id_is_acked_again_and_stored_once() {
+    let app = spawn_app().await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+
+    // Sent back to back, so both may land in one batch.
+    ws.send_message(&sid, "same-1", "first copy").await;
+    ws.send_message(&sid, "same-1", "second copy").await;
+    let first = ws.next_of("ack").await;
+    let second = ws.next_of("ack").await;
+    assert_eq!(first["client_id"], "same-1");
+    assert_eq!(second["client_id"], "same-1");
+    assert_eq!(first["seq"], 1, "{first}");
+    assert_eq!(second["seq"], first["seq"], "{second}");
+    assert_eq!(first["duplicate"], false, "{first}");
+    assert_eq!(second["duplicate"], true, "{second}");
+
+    // And once more later, in a batch of its own.
+    ws.until(|f| f["type"] == "reply_done").await;
+    ws.send_message(&sid, "same-1", "third copy").await;
+    let third = ws.next_of("ack").await;
+    assert_eq!(third["seq"], 1, "{third}");
+    assert_eq!(third["duplicate"], true, "{third}");
+
+    let rows: Vec<Value> = history(&app, &token, &sid)
+        .await
+        .into_iter()
+        .filter(|m| m["client_id"] == "same-1")
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["content"], "first copy");
+    let users = history(&app, &token, &sid)
+        .await
+        .into_iter()
+        .filter(|m| m["role"] == "user")
+        .count();
+    assert_eq!(users, 1);
+}
+
+/// The seqs a client saw stored messages under: `message` and `reply_done` frames.
+fn seqs(frames: &[Value]) -> Vec<i64> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "message" || f["type"] == "reply_done")
+        .map(|f| f["seq"].as_i64().expect("seq"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_resumes_an_answer_in_progress() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(40)).await;
+    let (token, _, sid) = customer_with_session(&app).await;
+
+    let mut first = WsClient::customer(&app, &token).await;
+    first.resume(&sid, 0).await;
+    first.next_of("resumed").await;
+    first
+        .send_message(&sid, "r-1", "Tell me about your refund policy")
+        .await;
+    let mut seen_first = Vec::new();
+    let mut tokens = 0;
+    while tokens < 3 {
+        let f = first.next().await;
+        if f["type"] == "token" {
+            tokens += 1;
+        }
+        assert_ne!(f["type"], "reply_done", "the answer ended too soon: {f}");
+        seen_first.push(f);
+    }
+    let last_seq = *seqs(&seen_first).last().expect("the message frame");
+    assert_eq!(last_seq, 1);
+    drop(first);
+
+    let mut second = WsClient::customer(&app, &token).await;
+    second.resume(&sid, last_seq).await;
+    let frames = second.until(|f| f["type"] == "reply_done").await;
+    let resumed_at = frames
+        .iter()
+        .position(|f| f["type"] == "resumed")
+        .unwrap_or_else(|| panic!("no resumed: {frames:?}"));
+    assert_eq!(frames[resumed_at]["last_seq"], 1, "{frames:?}");
+    let after: Vec<&Value> = frames[resumed_at + 1..]
+        .iter()
+        .filter(|f| f["type"] != "presence")
+        .collect();
+    assert_eq!(after[0]["type"], "token", "{frames:?}");
+    // The first token carries everything written so far: more than the 3 we saw.
+    let catch_up = after[0]["delta"].as_str().unwrap();
+    assert!(
+        catch_up.starts_with(&tokens_text(&seen_first)),
+        "{catch_up:?} vs {seen_first:?}"
+    );
+    let done = frames.last().unwrap();
+    assert_eq!(done["interrupted"], false, "{done}");
+
+    let answer = stored(&app, &token, &sid, 2).await;
+    assert_eq!(answer["content"].as_str().unwrap(), tokens_text(&frames));
+
+    let mut all = seqs(&seen_first);
+    all.extend(seqs(&frames));
+    assert_eq!(all, vec![1, 2], "each seq once, in order");
+}
+
+#[tokio::test]
+async fn messages_posted_while_away_are_replayed_in_order_then_live() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(0)).await;
+    let (token, _, sid) = customer_with_session(&app).await;
+
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.resume(&sid, 0).await;
+    ws.send_message(&sid, "w-1", "hello").await;
+    let seen = ws.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(seqs(&seen), vec![1, 2]);
+    drop(ws);
+
+    for i in 0..5 {
+        let res = app
+            .post_message(&token, &sid, &format!("while away {i}"), None)
+            .await;
+        expect_json(res, 201).await;
+    }
+    // Let every answer to them finish, so the count is final.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stable = 0;
+    let mut last = 0;
+    while stable < 5 {
+        assert!(Instant::now() < deadline, "the history never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = app.message_count(&sid).await;
+        stable = if n == last { stable + 1 } else { 0 };
+        last = n;
+    }
+    assert!(last >= 8, "5 posts and at least one answer: {last}");
+
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.resume(&sid, 2).await;
+    let replay = ws.until(|f| f["type"] == "resumed").await;
+    let replayed: Vec<i64> = seqs(&replay);
+    assert_eq!(replayed, (3..=last).collect::<Vec<_>>(), "{replay:?}");
+    assert_eq!(replay.last().unwrap()["last_seq"], last);
+    let stored_all = history(&app, &token, &sid).await;
+    for f in replay.iter().filter(|f| f["type"] == "message") {
+        let m = &stored_all[(f["seq"].as_i64().unwrap() - 1) as usize];
+        assert_eq!(f["content"], m["content"]);
+        assert_eq!(f["role"], m["role"]);
+    }
+
+    // Live from here on: a new post and its answer, with no seq seen twice.
+    let res = app
+        .post_message(&token, &sid, "back again", Some("live-1"))
+        .await;
+    let posted = expect_json(res, 201).await;
+    assert_eq!(posted["seq"], last + 1, "{posted}");
+    let live = ws.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(seqs(&live), vec![last + 1, last + 2], "{live:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_customers_at_once_get_every_message_acked_and_stored_in_order() {
+    const CLIENTS: usize = 200;
+    const PER_CLIENT: usize = 20;
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(0)).await;
+
+    let mut customers = Vec::new();
+    for _ in 0..CLIENTS {
+        customers.push(customer_with_session(&app).await);
+    }
+
+    let port = app.port;
+    let work = customers.iter().enumerate().map(|(n, (token, _, sid))| {
+        let (token, sid) = (token.clone(), sid.clone());
+        async move {
+            let url = format!("ws://127.0.0.1:{port}/api/v1/chat/ws?token={token}");
+            let (socket, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .unwrap_or_else(|e| panic!("client {n} connecting: {e}"));
+            let (mut sink, mut stream) = socket.split();
+            for i in 0..PER_CLIENT {
+                let frame = json!({
+                    "type": "send", "session_id": sid,
+                    "client_id": format!("c{n}-m{i}"), "content": format!("message {i} from {n}"),
+                });
+                sink.feed(Message::Text(frame.to_string())).await.unwrap();
+            }
+            sink.flush().await.unwrap();
+            let mut acks: HashMap<String, i64> = HashMap::new();
+            let mut ack_count = 0;
+            read_until(&mut stream, Duration::from_secs(60), |f| {
+                assert_ne!(f["type"], "error", "client {n}: {f}");
+                if f["type"] == "ack" {
+                    ack_count += 1;
+                    let previous = acks.insert(
+                        f["client_id"].as_str().unwrap().to_string(),
+                        f["seq"].as_i64().unwrap(),
+                    );
+                    assert!(previous.is_none(), "client {n}: acked twice: {f}");
+                }
+                ack_count == PER_CLIENT
+            })
+            .await;
+            let expected: HashSet<String> = (0..PER_CLIENT).map(|i| format!("c{n}-m{i}")).collect();
+            assert_eq!(acks.keys().cloned().collect::<HashSet<_>>(), expected);
+            (sid, acks)
+        }
+    });
+    let results = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(work),
+    )
+    .await
+    .expect("200 clients did not finish within 120 s");
+
+    let mut user_rows = 0;
+    for ((token, _, _), (sid, acks)) in customers.iter().zip(results) {
+        let messages = history(&app, token, &sid).await;
+        let got: Vec<i64> = messages
+            .iter()
+            .map(|m| m["seq"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            (1..=messages.len() as i64).collect::<Vec<_>>(),
+            "gaps in {sid}"
+        );
+        for m in messages.iter().filter(|m| m["role"] == "user") {
+            user_rows += 1;
+            let client_id = m["client_id"].as_str().unwrap();
+            assert_eq!(acks.get(client_id), m["seq"].as_i64().as_ref(), "{m}");
+        }
+    }
+    assert_eq!(user_rows, CLIENTS * PER_CLIENT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_dropped_without_slowing_others() {
+    const SENT: usize = 1500;
+    let app = spawn_app_with(|s| s.realtime.outbound_queue = 8).await;
+    let (token_a, _, sid_a) = customer_with_session(&app).await;
+    let (token_b, _, sid_b) = customer_with_session(&app).await;
+
+    let mut stalled = WsClient::customer(&app, &token_a).await;
+    stalled.resume(&sid_a, 0).await;
+    let mut b = WsClient::customer(&app, &token_b).await;
+    b.resume(&sid_b, 0).await;
+    b.next_of("resumed").await;
+    // The writer waits for each ack before the next send: with a queue of 8 a pipelined
+    // burst would (rightly) make the writer itself a slow consumer, since one group commit
+    // answers many sends at once.
+    let mut writer = WsClient::customer(&app, &token_a).await;
+    let filler = "x".repeat(8000);
+    let sid = sid_a.clone();
+    let writing = tokio::spawn(async move {
+        for i in 0..SENT {
+            let client_id = format!("big-{i}");
+            writer.send_message(&sid, &client_id, &filler).await;
+            let frames = writer
+                .until(|f| {
+                    f["type"] == "error"
+                        || (f["type"] == "ack" && f["client_id"] == client_id.as_str())
+                })
+                .await;
+            let last = frames.last().unwrap();
+            assert_eq!(last["type"], "ack", "writer, message {i}: {last}");
+        }
+        writer
+    });
+    let reader = &writing;
+    let mut worst = Duration::ZERO;
+    let mut rounds = 0;
+    while !reader.is_finished() {
+        let started = Instant::now();
+        b.ping(&format!("b-{rounds}")).await;
+        worst = worst.max(started.elapsed());
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _writer = writing.await.unwrap();
+    assert!(rounds >= 3, "only {rounds} ping rounds ran");
+    assert!(worst < Duration::from_secs(1), "worst ping took {worst:?}");
+
+    let drained = stalled
+        .drain(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|d| {
+            panic!(
+                "the stalled socket was still open after draining {} frames",
+                d.frames.len()
+            )
+        });
+    let messages = drained.count("message");
+    eprintln!(
+        "slow consumer: {messages} of {SENT} messages reached the stalled socket; \
+         ping rounds {rounds}, worst {worst:?}"
+    );
+    assert!(
+        messages < SENT / 2,
+        "the stalled socket got {messages} of {SENT} messages: buffered without limit?"
+    );
+    for e in drained.frames.iter().filter(|f| f["type"] == "error") {
+        assert_eq!(e["code"], "slow_consumer", "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_provider_costs_only_its_own_answer() {
+    let app = spawn_app_with(|s| {
+        s.ai.demo_panic_trigger = "PANIC-NOW".into();
+        s.ai.workers = 1;
+        s.ai.demo_token_delay = millis(20);
+    })
+    .await;
+    let (token_a, _, sid_a) = customer_with_session(&app).await;
+    let (token_b, _, sid_b) = customer_with_session(&app).await;
+    let mut a = WsClient::customer(&app, &token_a).await;
+    let mut b = WsClient::customer(&app, &token_b).await;
+
+    a.send_message(&sid_a, "a-1", "a normal question").await;
+    let mut a_frames = a.until(|f| f["type"] == "token").await;
+
+    b.send_message(&sid_b, "b-1", "please PANIC-NOW").await;
+    let b_frames = b
+        .until(|f| f["type"] == "error" || f["type"] == "reply_done")
+        .await;
+    let e = b_frames.last().unwrap();
+    assert_eq!(e["type"], "error", "{b_frames:?}");
+    assert_eq!(e["code"], "ai_failed", "{e}");
+    assert_eq!(e["session_id"], sid_b.as_str(), "{e}");
+
+    a_frames.extend(a.until(|f| f["type"] == "reply_done").await);
+    assert!(
+        a_frames.iter().all(|f| f["type"] != "error"),
+        "{a_frames:?}"
+    );
+    let done = a_frames.last().unwrap();
+    assert_eq!(done["interrupted"], false, "{done}");
+    let stored_a = stored(&app, &token_a, &sid_a, done["seq"].as_i64().unwrap()).await;
+    assert_eq!(
+        stored_a["content"].as_str().unwrap(),
+        tokens_text(&a_frames)
+    );
+    assert!(tokens_text(&a_frames).ends_with("at any time."));
+
+    b.send_message(&sid_b, "b-2", "a calm question").await;
+    let frames = b
+        .until(|f| f["type"] == "reply_done" || f["type"] == "error")
+        .await;
+    let done = frames.last().unwrap();
+    assert_eq!(done["type"], "reply_done", "{frames:?}");
+    assert_eq!(done["interrupted"], false, "{done}");
+    let stored_b = stored(&app, &token_b, &sid_b, done["seq"].as_i64().unwrap()).await;
+    assert_eq!(stored_b["content"].as_str().unwrap(), tokens_text(&frames));
+    assert!(tokens_text(&frames).contains("a calm question"));
+}
+
+#[tokio::test]
+async fn stop_cuts_the_answer_and_stores_what_was_streamed() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(40)).await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "s-1", "tell me a long story").await;
+    let mut frames = Vec::new();
+    while frames
+        .iter()
+        .filter(|f: &&Value| f["type"] == "token")
+        .count()
+        < 3
+    {
+        frames.push(ws.next().await);
+    }
+    ws.send(&json!({"type": "stop", "session_id": sid})).await;
+    frames.extend(ws.until(|f| f["type"] == "reply_done").await);
+    let done = frames.last().unwrap();
+    assert_eq!(done["interrupted"], true, "{done}");
+    assert_eq!(done["seq"], 2, "{done}");
+
+    let answer = stored(&app, &token, &sid, 2).await;
+    assert_eq!(answer["interrupted"], true, "{answer}");
+    let streamed = tokens_text(&frames);
+    assert_eq!(answer["content"].as_str().unwrap(), streamed);
+    assert!(
+        !streamed.ends_with("at any time."),
+        "the whole answer was written: {streamed}"
+    );
+}
+
+#[tokio::test]
+async fn silent_clients_are_dropped_and_listening_ones_kept() {
+    let app = spawn_app_with(|s| {
+        s.realtime.heartbeat_interval = millis(200);
+        s.realtime.client_timeout = millis(1000);
+    })
+    .await;
+    let token = app.guest().await.access_token;
+
+    let mut silent = WsClient::connect_raw(&app, "/api/v1/chat/ws", &token).await;
+    let mut listening = WsClient::customer(&app, &token).await;
+
+    // The listening client reads (so its library answers the pings) for 2.5 s.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        if let Ok(f) = listening.next_within(Duration::from_millis(100)).await {
+            panic!("unexpected frame: {f}");
+        }
+    }
+    let frames = listening.ping("still-here").await;
+    assert_eq!(frames.len(), 1, "{frames:?}");
+
+    // The silent one has read nothing and answered no ping: it must be gone by now.
+    let drained = silent
+        .drain(Duration::from_secs(3))
+        .await
+        .unwrap_or_else(|d| panic!("the silent client is still connected: {:?}", d.frames));
+    for e in drained.frames.iter().filter(|f| f["type"] == "error") {
+        assert_eq!(e["code"], "timeout", "{e}");
+    }
+}
+
+fn members(presence: &Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = presence["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["user_id"].as_str().unwrap().to_string(),
+                m["role"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn presence_and_typing_reach_the_other_members() {
+    let app = spawn_app().await;
+    let (token, customer_id, sid) = customer_with_session(&app).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+
+    let mut customer = WsClient::customer(&app, &token).await;
+    customer.resume(&sid, 0).await;
+    let p = customer.next_of("presence").await;
+    let only_customer = vec![(customer_id.clone(), "customer".to_string())];
+    assert_eq!(members(&p), only_customer);
+
+    let mut staff = WsClient::staff(&app, &agent.access_token).await;
+    staff.resume(&sid, 0).await;
+    staff.next_of("resumed").await;
+    let p = customer.next_of("presence").await;
+    let mut both = vec![
+        (customer_id.clone(), "customer".to_string()),
+        (agent.user_id.clone(), "agent".to_string()),
+    ];
+    both.sort();
+    assert_eq!(members(&p), both, "{p}");
+
+    customer
+        .send(&json!({"type": "typing", "session_id": sid}))
+        .await;
+    let t = staff.next_of("typing").await;
+    assert_eq!(t["user_id"], customer_id.as_str(), "{t}");
+    assert_eq!(t["role"], "customer", "{t}");
+    assert_eq!(t["active"], true, "{t}");
+    assert_eq!(t["session_id"], sid.as_str(), "{t}");
+
+    staff
+        .send(&json!({"type": "typing", "session_id": sid}))
+        .await;
+    let t = customer.next_of("typing").await;
+    assert_eq!(t["user_id"], agent.user_id.as_str(), "{t}");
+    assert_eq!(t["role"], "agent", "{t}");
+    // The typist does not hear itself.
+    let echo = staff.ping("after-typing").await;
+    assert!(echo.iter().all(|f| f["type"] != "typing"), "{echo:?}");
+
+    // Leaving, then disconnecting, each update the customer's view.
+    staff
+        .send(&json!({"type": "leave", "session_id": sid}))
+        .await;
+    let p = customer.next_of("presence").await;
+    assert_eq!(members(&p), only_customer, "{p}");
+
+    staff.resume(&sid, 0).await;
+    let p = customer.next_of("presence").await;
+    assert_eq!(members(&p), both, "{p}");
+    staff.close().await;
+    let p = customer.next_of("presence").await;
+    assert_eq!(members(&p), only_customer, "{p}");
+}
