@@ -809,3 +809,36 @@ async fn presence_and_typing_reach_the_other_members() {
     let p = customer.next_of("presence").await;
     assert_eq!(members(&p), only_customer, "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_while_an_answer_is_being_stored_repeats_no_seq() {
+    // Resume lands at every point of an answer's life (streaming, being stored, stored) in
+    // turn; whatever the timing, the client must see each stored seq once.
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(1)).await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    let mut all: Vec<i64> = Vec::new();
+    for round in 0..40u64 {
+        let res = app
+            .post_message(&token, &sid, &format!("question {round}"), None)
+            .await;
+        let posted = expect_json(res, 201).await;
+        let user_seq = posted["seq"].as_i64().unwrap();
+        tokio::time::sleep(Duration::from_millis(round % 20 * 4)).await;
+        ws.resume(&sid, user_seq).await;
+        let mut frames = ws.until(|f| f["type"] == "resumed").await;
+        // A fence: everything queued with the replay is in before the pong.
+        frames.extend(ws.ping(&format!("fence-{round}")).await);
+        if !seqs(&frames).contains(&(user_seq + 1)) {
+            frames.extend(ws.until(|f| f["type"] == "reply_done").await);
+        }
+        all.extend(seqs(&frames));
+        let expected: Vec<i64> = (all[0]..all[0] + all.len() as i64).collect();
+        assert_eq!(all, expected, "round {round}: {frames:?}");
+        assert_eq!(
+            *all.last().unwrap(),
+            user_seq + 1,
+            "round {round}: {frames:?}"
+        );
+    }
+}
