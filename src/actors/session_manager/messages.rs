@@ -97,6 +97,7 @@ pub enum Origin {
     },
     Http(oneshot::Sender<Result<Appended, AppendFailure>>),
     Reply {
+        session_id: String,
         reply_id: String,
     },
 }

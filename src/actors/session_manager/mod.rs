@@ -225,6 +225,14 @@ impl SessionManager {
         self.broadcast(session_id, &frame, None);
     }
 
+    /// The answer in flight in a conversation, if it is `reply_id` (any answer when `None`).
+    fn reply_mut(&mut self, session_id: &str, reply_id: Option<&str>) -> Option<&mut LiveReply> {
+        self.conversations
+            .get_mut(session_id)
+            .and_then(|c| c.reply.as_mut())
+            .filter(|r| reply_id.is_none_or(|id| r.reply_id == id))
+    }
+
     /// Asks the pool for an AI answer in a conversation, unless one is already in flight.
     fn start_reply(&mut self, session_id: &str, ctx: &mut Context<Self>) {
         let conv = self
@@ -331,7 +339,13 @@ impl SessionManager {
                 }
                 let _ = reply.send(outcome);
             }
-            (Origin::Reply { reply_id }, outcome) => self.reply_stored(&reply_id, outcome, ctx),
+            (
+                Origin::Reply {
+                    session_id,
+                    reply_id,
+                },
+                outcome,
+            ) => self.reply_stored(session_id, &reply_id, outcome, ctx),
         }
     }
 
@@ -353,21 +367,11 @@ impl SessionManager {
 
     fn reply_stored(
         &mut self,
+        session_id: String,
         reply_id: &str,
         outcome: Result<Appended, AppendFailure>,
         ctx: &mut Context<Self>,
     ) {
-        let session_id = match &outcome {
-            Ok(a) => a.message.session_id.clone(),
-            Err(_) => match self
-                .conversations
-                .iter()
-                .find(|(_, c)| c.reply.as_ref().is_some_and(|r| r.reply_id == reply_id))
-            {
-                Some((id, _)) => id.clone(),
-                None => return,
-            },
-        };
         if let Some(conv) = self.conversations.get_mut(&session_id) {
             if conv.reply.as_ref().is_some_and(|r| r.reply_id == reply_id) {
                 conv.reply = None;
@@ -667,11 +671,7 @@ impl Handler<StopReply> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: StopReply, _: &mut Context<Self>) {
-        if let Some(reply) = self
-            .conversations
-            .get_mut(&msg.session_id)
-            .and_then(|c| c.reply.as_mut())
-        {
+        if let Some(reply) = self.reply_mut(&msg.session_id, None) {
             if let Some(cancel) = reply.cancel.take() {
                 let _ = cancel.send(());
             }
@@ -684,10 +684,8 @@ impl Handler<TokenChunk> for SessionManager {
 
     fn handle(&mut self, msg: TokenChunk, _: &mut Context<Self>) {
         let Some(reply) = self
-            .conversations
-            .get_mut(&msg.session_id)
-            .and_then(|c| c.reply.as_mut())
-            .filter(|r| r.reply_id == msg.reply_id && matches!(r.state, ReplyState::Streaming))
+            .reply_mut(&msg.session_id, Some(&msg.reply_id))
+            .filter(|r| matches!(r.state, ReplyState::Streaming))
         else {
             return;
         };
@@ -705,12 +703,7 @@ impl Handler<ReplyFinished> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: ReplyFinished, _: &mut Context<Self>) {
-        let Some(reply) = self
-            .conversations
-            .get_mut(&msg.session_id)
-            .and_then(|c| c.reply.as_mut())
-            .filter(|r| r.reply_id == msg.reply_id)
-        else {
+        let Some(reply) = self.reply_mut(&msg.session_id, Some(&msg.reply_id)) else {
             return;
         };
         reply.state = ReplyState::Committing;
@@ -735,7 +728,7 @@ impl Handler<ReplyFinished> for SessionManager {
         }
         let append = Append {
             message: NewMessage {
-                session_id: msg.session_id,
+                session_id: msg.session_id.clone(),
                 role: "assistant",
                 author_id: None,
                 content: text,
@@ -745,6 +738,7 @@ impl Handler<ReplyFinished> for SessionManager {
                 tokens: None,
             },
             origin: Origin::Reply {
+                session_id: msg.session_id.clone(),
                 reply_id: msg.reply_id,
             },
         };
