@@ -5,6 +5,7 @@
 
 mod auth;
 mod health;
+mod pages;
 mod sessions;
 mod users;
 mod ws;
@@ -38,6 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .configure(ws::routes),
     )
     .service(web::scope("/api").configure(sessions::routes))
+    .configure(pages::routes)
     .default_service(web::to(not_found));
 }
 

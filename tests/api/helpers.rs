@@ -156,7 +156,8 @@ pub struct TestApp {
     pub jwt_secret: String,
     /// The settings the server was started with.
     pub settings: Settings,
-    handle: actix_web::dev::ServerHandle,
+    /// `None` while stopped by [`TestApp::stop_server`].
+    server: Option<RunningServer>,
     // Dropped after the server is told to stop (fields drop after `Drop::drop`).
     _db: TestDatabase,
 }
@@ -165,7 +166,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         // The stop command is sent when `stop` is called; the returned future only waits for
         // the server to finish, which nothing here needs.
-        std::mem::drop(self.handle.stop(false));
+        if let Some(server) = &self.server {
+            std::mem::drop(server.handle.stop(false));
+        }
     }
 }
 
@@ -182,13 +185,50 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings) + Send + 'stat
     let db_url = settings.database.url.expose().to_string();
     let jwt_secret = settings.auth.jwt_secret.expose().to_string();
 
+    let server = start_server(settings.clone()).await;
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("building the HTTP client");
+    TestApp {
+        address: format!("http://127.0.0.1:{}", server.port),
+        port: server.port,
+        client,
+        db_url,
+        pg_database: db.pg_name.clone(),
+        jwt_secret,
+        settings,
+        server: Some(server),
+        _db: db,
+    }
+}
+
+/// One run of the application on its own thread and actix `System`.
+struct RunningServer {
+    port: u16,
+    handle: actix_web::dev::ServerHandle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// How long a restart keeps trying to bind the port the stopped server let go of.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds and starts the application with `settings`; panics if it cannot start.
+async fn start_server(settings: Settings) -> RunningServer {
+    try_start_server(settings)
+        .await
+        .unwrap_or_else(|e| panic!("building the application: {e}"))
+}
+
+async fn try_start_server(settings: Settings) -> Result<RunningServer, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let server_settings = settings.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("test-server".into())
         .spawn(move || {
             actix_rt::System::new().block_on(async move {
-                match Application::build(server_settings).await {
+                match Application::build(settings).await {
                     Ok(app) => {
                         let _ = tx.send(Ok((app.port(), app.handle())));
                         let _ = app.run_until_stopped().await;
@@ -197,30 +237,19 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings) + Send + 'stat
                         let _ = tx.send(Err(format!("{e:#}")));
                     }
                 }
+                // Stops the actors too, so the sockets they hold close as on a real shutdown.
+                actix_rt::System::current().stop();
             })
         })
         .expect("starting the server thread");
     let (port, handle) = rx
         .await
-        .expect("the server thread ended before it started the server")
-        .unwrap_or_else(|e| panic!("building the application: {e}"));
-
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("building the HTTP client");
-    TestApp {
-        address: format!("http://127.0.0.1:{port}"),
+        .expect("the server thread ended before it started the server")?;
+    Ok(RunningServer {
         port,
-        client,
-        db_url,
-        pg_database: db.pg_name.clone(),
-        jwt_secret,
-        settings,
         handle,
-        _db: db,
-    }
+        thread,
+    })
 }
 
 /// Tokens and user id from a sign-in (login, guest or refresh).
@@ -244,6 +273,45 @@ impl Signed {
 }
 
 impl TestApp {
+    /// Stops the server at once, as a crash would: open connections are dropped, the database
+    /// stays. Returns when the port is free again.
+    pub async fn stop_server(&mut self) {
+        let server = self.server.take().expect("the server is already stopped");
+        server.handle.stop(false).await;
+        tokio::task::spawn_blocking(move || server.thread.join())
+            .await
+            .expect("waiting for the server thread")
+            .expect("the server thread panicked");
+    }
+
+    /// Starts the server again on the same port and the same database, after
+    /// [`TestApp::stop_server`].
+    pub async fn start_server_again(&mut self) {
+        assert!(self.server.is_none(), "the server is still running");
+        let mut settings = self.settings.clone();
+        settings.server.port = self.port;
+        let deadline = std::time::Instant::now() + REBIND_TIMEOUT;
+        loop {
+            match try_start_server(settings.clone()).await {
+                Ok(server) => {
+                    self.server = Some(server);
+                    return;
+                }
+                // The old listener may take a moment to be released.
+                Err(e) if e.contains("binding") && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("restarting the application on port {}: {e}", self.port),
+            }
+        }
+    }
+
+    /// Stops the server and starts a new one on the same port and database.
+    pub async fn restart(&mut self) {
+        self.stop_server().await;
+        self.start_server_again().await;
+    }
+
     /// `path` on this server: `app.url("/health")`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)

@@ -1,3 +1,6 @@
+mod browser;
 mod helpers;
+mod pages;
 mod realtime;
+mod webdriver;
 mod ws;
