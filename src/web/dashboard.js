@@ -230,11 +230,10 @@
     return email;
   }
 
-  function row(s) {
-    const li = el("li", "row" + (s.session_id === current ? " selected" : ""));
-    li.dataset.sessionId = s.session_id;
+  /** Fills a row with a summary; the row element itself is kept across updates. */
+  function fillRow(li, s) {
+    li.className = "row" + (s.session_id === current ? " selected" : "");
     li.dataset.mode = s.mode;
-    li.tabIndex = 0;
     const top = el("div", "row-top");
     top.append(
       el("span", "dot " + (s.customer && s.customer.online ? "online" : "away")),
@@ -251,16 +250,35 @@
       wait.dataset.since = since;
       meta.append(wait);
     }
-    li.append(top, meta);
+    const parts = [top, meta];
     if (s.last_message) {
       const who = { user: "Customer", assistant: "AI", agent: "Agent", system: "System" }[s.last_message.role] || s.last_message.role;
-      li.append(el("div", "row-last", who + ": " + s.last_message.content));
+      parts.push(el("div", "row-last", who + ": " + s.last_message.content));
     }
-    li.addEventListener("click", () => watch(s.session_id));
+    li.replaceChildren(...parts);
+  }
+
+  function newRow(id) {
+    const li = el("li", "row");
+    li.dataset.sessionId = id;
+    li.tabIndex = 0;
+    li.addEventListener("click", () => watch(id));
     li.addEventListener("keydown", (e) => {
-      if (e.key === "Enter") watch(s.session_id);
+      if (e.key === "Enter") watch(id);
     });
     return li;
+  }
+
+  /** Shows `items` in `ul` in order, reusing the rows already there (no flicker, focus kept). */
+  function renderRows(ul, items) {
+    const old = new Map([...ul.children].map((li) => [li.dataset.sessionId, li]));
+    items.forEach((s, i) => {
+      const li = old.get(s.session_id) || newRow(s.session_id);
+      old.delete(s.session_id);
+      fillRow(li, s);
+      if (ul.children[i] !== li) ul.insertBefore(li, ul.children[i] || null);
+    });
+    for (const li of old.values()) li.remove();
   }
 
   function renderLists() {
@@ -268,9 +286,9 @@
       .filter((s) => s.status === "active" || s.session_id === current)
       .sort((a, b) => String(b.updated_at).localeCompare(String(a.updated_at)))
       .slice(0, LIST_LIMIT);
-    $("sessions").replaceChildren(...live.map(row));
+    renderRows($("sessions"), live);
     $("sessions-count").textContent = String(live.length);
-    $("queue").replaceChildren(...queue.map(row));
+    renderRows($("queue"), queue);
     $("queue-count").textContent = String(queue.length);
     tick();
   }

@@ -22,6 +22,7 @@ pub const PAGE_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_EVERY: Duration = Duration::from_millis(100);
 const DRIVER_START_TIMEOUT: Duration = Duration::from_secs(30);
 const DRIVER_START_TRIES: usize = 3;
+const STALE_RETRIES: usize = 20;
 
 const CHROMIUM_DEFAULT: &str = "/usr/bin/chromium";
 const CHROMEDRIVER_DEFAULT: &str = "/usr/bin/chromedriver";
@@ -240,10 +241,19 @@ impl Browser {
     }
 
     pub async fn click(&self, css: &str) {
-        let target = self.find(css).await;
-        if let Err(e) = target.click().await {
-            self.fail(&format!("clicking {css}: {e}")).await;
+        // A page may replace the element between finding and clicking it: find it again.
+        for _ in 0..STALE_RETRIES {
+            let target = self.find(css).await;
+            match target.click().await {
+                Ok(()) => return,
+                Err(CmdError::Standard(e)) if e.error == ErrorStatus::StaleElementReference => {}
+                Err(e) => self.fail(&format!("clicking {css}: {e}")).await,
+            }
         }
+        self.fail(&format!(
+            "{css} kept being replaced before it could be clicked"
+        ))
+        .await;
     }
 
     async fn find(&self, css: &str) -> fantoccini::elements::Element {
