@@ -360,7 +360,10 @@ async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
 
     say(&widget, "Hello, is anyone there?").await;
     widget
-        .wait_for("the question", &shows("user", "Hello, is anyone there?"))
+        .wait_for(
+            "the answer in the widget",
+            &shows("assistant", &demo::answer("Hello, is anyone there?")),
+        )
         .await;
     desk_follows(&desk, &session_id).await;
     desk.wait_for(
@@ -368,11 +371,27 @@ async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
         &shows("user", "Hello, is anyone there?"),
     )
     .await;
-    // The desk follows the answer as it is written, then shows it stored.
     let answer = demo::answer("Hello, is anyone there?");
     desk.wait_for(
         "the stored answer on the desk",
         &shows("assistant", &answer),
+    )
+    .await;
+
+    // The customer asks for a human: the desk shows the conversation in the queue.
+    widget.click("#human").await;
+    widget
+        .wait_for(
+            "the widget to say an agent is being found",
+            "document.getElementById('notice').textContent.includes('finding a support agent')",
+        )
+        .await;
+    desk.wait_for(
+        "the conversation in the human queue",
+        &format!(
+            "!!document.querySelector({})",
+            json!(format!("#queue li[data-session-id=\"{session_id}\"]"))
+        ),
     )
     .await;
 
@@ -396,6 +415,11 @@ async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
             "document.getElementById('mode').classList.contains('mode-human')",
         )
         .await;
+    desk.wait_for(
+        "the queue to empty once an agent took the conversation",
+        "document.querySelectorAll('#queue li').length === 0",
+    )
+    .await;
     let words = "Hi, I am Dana from support. Let me look at that.";
     desk.type_into("#reply", words).await;
     desk.click("#reply-send").await;
@@ -410,6 +434,30 @@ async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
             .await,
         0
     );
+
+    // Search finds the hostile message and shows its snippet as text, the match highlighted.
+    desk.type_into("#search", "onerror").await;
+    desk.click("#search-form button").await;
+    desk.wait_for(
+        "a search result",
+        "!!document.querySelector('#results li.result mark')",
+    )
+    .await;
+    let snippet = desk
+        .eval("document.querySelector('#results li.result .row-last').textContent")
+        .await;
+    assert!(
+        snippet
+            .as_str()
+            .is_some_and(|s| s.contains("<img src=x onerror=alert(1)>")),
+        "the snippet is not the literal message: {snippet}"
+    );
+    assert_eq!(
+        desk.eval("document.querySelectorAll('#results img, #results script').length")
+            .await,
+        0
+    );
+    desk.assert_no_dialog().await;
     desk.screenshot(&format!("desk-{}", crate::helpers::backend_name()))
         .await;
 
