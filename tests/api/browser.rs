@@ -307,6 +307,73 @@ async fn hostile_messages_show_as_text_in_the_widget() {
     browser.close().await;
 }
 
+/// The most stored messages the pages keep (`MessageList` in `src/web/common.js`).
+const KEPT_IN_PAGE: i64 = 500;
+
+#[tokio::test]
+async fn a_long_conversation_keeps_only_its_latest_messages_in_the_page() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = HumanDuration::from_millis(5)).await;
+    let guest = app.guest().await;
+    let session = app.create_session(&guest.access_token, "long").await;
+    let session_id = session["id"].as_str().expect("session id").to_string();
+    // Written by an agent, so the AI does not answer each one.
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let total = KEPT_IN_PAGE + 120;
+    for i in 1..=total {
+        let res = app
+            .post_message(&agent.access_token, &session_id, &format!("line {i}"), None)
+            .await;
+        expect_json(res, 201).await;
+    }
+
+    // The widget opens as this guest, in this conversation.
+    let browser = Browser::start("widget").await;
+    browser.goto(&app.url("/static/style.css")).await;
+    let saved = json!({
+        "access_token": guest.access_token,
+        "refresh_token": guest.refresh_token,
+        "session_id": session_id,
+    });
+    browser
+        .eval(&format!(
+            "localStorage.setItem('switchboard.widget', {})",
+            json!(saved.to_string())
+        ))
+        .await;
+    open_widget(&app, &browser).await;
+    let first_kept = total - KEPT_IN_PAGE + 1;
+    browser
+        .wait_for(
+            &format!("seqs {first_kept}..={total} in the page, and a note about the rest"),
+            &format!(
+                "(() => {{ const s = {SHOWN_SEQS}; return s.length === {KEPT_IN_PAGE} \
+                 && s[0] === {first_kept} && s[s.length - 1] === {total} \
+                 && !!document.querySelector('#messages .trimmed'); }})()"
+            ),
+        )
+        .await;
+
+    // New messages still arrive, and the oldest make room for them.
+    say(&browser, "Still there?").await;
+    browser
+        .wait_for(
+            "the answer to a new question",
+            &shows("assistant", &demo::answer("Still there?")),
+        )
+        .await;
+    let after = total + 2;
+    browser
+        .wait_for(
+            &format!("{KEPT_IN_PAGE} messages ending at seq {after}"),
+            &format!(
+                "(() => {{ const s = {SHOWN_SEQS}; return s.length === {KEPT_IN_PAGE} \
+                 && s[s.length - 1] === {after} && s.every((v, i) => i === 0 || v === s[i - 1] + 1); }})()"
+            ),
+        )
+        .await;
+    browser.close().await;
+}
+
 // ---- the agent desk ----------------------------------------------------------------------
 
 const AGENT_EMAIL: &str = "desk-agent@example.com";
