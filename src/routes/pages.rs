@@ -54,6 +54,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../web/dashboard.js"),
     },
     Asset {
+        name: "favicon.svg",
+        content_type: "image/svg+xml",
+        body: include_bytes!("../web/favicon.svg"),
+    },
+    Asset {
         name: "style.css",
         content_type: "text/css; charset=utf-8",
         body: include_bytes!("../web/style.css"),
@@ -76,7 +81,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(widget))
         .route("/chat", web::get().to(widget))
         .route("/admin", web::get().to(dashboard))
-        .route("/static/{name}", web::get().to(file));
+        .route("/static/{name}", web::get().to(file))
+        .route("/favicon.ico", web::get().to(favicon));
 }
 
 async fn widget(req: HttpRequest) -> HttpResponse {
@@ -85,6 +91,11 @@ async fn widget(req: HttpRequest) -> HttpResponse {
 
 async fn dashboard(req: HttpRequest) -> HttpResponse {
     serve(&req, DASHBOARD).unwrap_or_else(|| HttpResponse::InternalServerError().finish())
+}
+
+/// Browsers ask for /favicon.ico whatever the page says.
+async fn favicon(req: HttpRequest) -> HttpResponse {
+    serve(&req, "favicon.svg").unwrap_or_else(|| HttpResponse::InternalServerError().finish())
 }
 
 async fn file(req: HttpRequest, name: web::Path<String>) -> Result<HttpResponse, ApiError> {

@@ -178,7 +178,7 @@
         list.replyDone(f.reply_id, f.seq, f.interrupted);
         break;
       case "typing":
-        if (f.role !== "customer") showPeerTyping(f.active);
+        if (f.role !== "customer") showPeerTyping(f.active, f.role);
         break;
       case "mode":
         setMode(f.mode);
@@ -219,11 +219,12 @@
     notice(f.message || f.code, "error");
   }
 
-  function showPeerTyping(active) {
+  function showPeerTyping(active, role) {
     const t = $("typing");
     clearTimeout(peerTyping);
     t.hidden = !active;
-    t.textContent = active ? "Someone is typing…" : "";
+    const who = role === "agent" || role === "admin" ? "A support agent" : "Someone";
+    t.textContent = active ? who + " is typing…" : "";
     if (active) peerTyping = setTimeout(() => (t.hidden = true), PEER_TYPING_SHOWN_MS);
   }
 

@@ -461,6 +461,12 @@ async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
         ),
     )
     .await;
+    desk.wait_for(
+        "the waiting time to count up",
+        "Array.from(document.querySelectorAll('#queue .wait'))\
+         .some(e => /waiting ([2-9]|[1-9][0-9]+)s|waiting [0-9]+m/.test(e.textContent))",
+    )
+    .await;
 
     // Hostile text from the customer shows literally on the desk, in the list and the view.
     say(&widget, HOSTILE[0]).await;

@@ -30,6 +30,8 @@ async fn the_pages_and_their_files_are_served_with_strict_headers() {
             "takeover",
         ),
         ("/static/style.css", "text/css; charset=utf-8", ".msg"),
+        ("/static/favicon.svg", "image/svg+xml", "<svg"),
+        ("/favicon.ico", "image/svg+xml", "<svg"),
     ] {
         let res = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(res.status(), 200, "{path}");
