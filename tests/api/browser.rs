@@ -7,6 +7,7 @@
 
 use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
+use switchboard::db::models::message::{self, NewMessage};
 use switchboard::db::models::Role;
 use switchboard::providers::demo;
 
@@ -316,15 +317,30 @@ async fn a_long_conversation_keeps_only_its_latest_messages_in_the_page() {
     let guest = app.guest().await;
     let session = app.create_session(&guest.access_token, "long").await;
     let session_id = session["id"].as_str().expect("session id").to_string();
-    // Written by an agent, so the AI does not answer each one.
-    let agent = app.user("agent@example.com", Role::Agent).await;
+    // Stored straight into the database: the API's rate limits are not what this is about.
+    let agent_id = app
+        .create_user("agent@example.com", Role::Agent, "correct horse battery")
+        .await;
     let total = KEPT_IN_PAGE + 120;
-    for i in 1..=total {
-        let res = app
-            .post_message(&agent.access_token, &session_id, &format!("line {i}"), None)
-            .await;
-        expect_json(res, 201).await;
-    }
+    let lines: Vec<NewMessage> = (1..=total)
+        .map(|i| NewMessage {
+            session_id: session_id.clone(),
+            role: "agent",
+            author_id: Some(agent_id.clone()),
+            content: format!("line {i}"),
+            client_id: None,
+            interrupted: false,
+            model: None,
+            tokens: None,
+        })
+        .collect();
+    app.with_db(move |c| {
+        for outcome in message::append_batch(c, &lines).expect("storing the conversation") {
+            outcome.expect("a stored line");
+        }
+    })
+    .await;
+    assert_eq!(app.message_count(&session_id).await, total);
 
     // The widget opens as this guest, in this conversation.
     let browser = Browser::start("widget").await;
