@@ -17,6 +17,9 @@ use crate::telemetry;
 fn load() -> anyhow::Result<Settings> {
     let settings = Settings::load()?;
     telemetry::init(&settings.log);
+    for warning in settings.warnings() {
+        log::warn!("{warning}");
+    }
     Ok(settings)
 }
 

@@ -378,10 +378,8 @@ impl Settings {
                 secret.len()
             );
         }
+        // Warned about by `warnings()` once the logger is up: none is installed yet here.
         if secret.is_empty() {
-            log::warn!(
-                "JWT_SECRET is not set; using the development secret (refused outside development)"
-            );
             self.auth.jwt_secret = Secret::new(DEVELOPMENT_SECRET);
         }
         match self.auth.algorithm.as_str() {
@@ -405,6 +403,20 @@ impl Settings {
             self.database.max_idle_conns = self.database.max_open_conns;
         }
         Ok(())
+    }
+
+    /// What an operator should hear about these settings at start-up; logged by the caller once
+    /// the logger is installed (settings are loaded before it, since they configure it).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.auth.jwt_secret.expose() == DEVELOPMENT_SECRET {
+            warnings.push(
+                "JWT_SECRET is not set; tokens are signed with the fixed development secret, \
+                 which is refused outside development (make one with `openssl rand -base64 48`)"
+                    .to_string(),
+            );
+        }
+        warnings
     }
 
     pub fn is_development(&self) -> bool {
@@ -652,6 +664,15 @@ mod tests {
         assert!(format!("{err:#}").contains("DB_MAX_OPEN_CONNS"), "{err:#}");
         let err = Settings::load_from(&vars(&[("JWT_EXPIRY", "soon")])).unwrap_err();
         assert!(format!("{err:#}").contains("soon"), "{err:#}");
+    }
+
+    #[test]
+    fn development_without_a_secret_warns() {
+        let s = Settings::load_from(&vars(&[])).unwrap();
+        assert!(s.warnings().iter().any(|w| w.contains("JWT_SECRET")));
+        let s = Settings::load_from(&vars(&[("JWT_SECRET", "0123456789abcdef0123456789abcdef")]))
+            .unwrap();
+        assert!(s.warnings().is_empty());
     }
 
     #[test]

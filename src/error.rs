@@ -18,6 +18,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("send the body as JSON with Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("{0}")]
     Unauthorized(&'static str),
     #[error("the token has expired; refresh it or sign in again")]
@@ -48,6 +50,7 @@ impl ApiError {
             ApiError::InvalidInput(e) => e.code(),
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::TokenExpired => "token_expired",
             ApiError::AccountDisabled => "account_disabled",
@@ -84,6 +87,7 @@ impl ResponseError for ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized(_)
             | ApiError::TokenExpired
             | ApiError::AccountDisabled

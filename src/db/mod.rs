@@ -87,14 +87,15 @@ impl DbUrl {
             Backend::Sqlite => format!("sqlite://{}", self.target),
             Backend::Postgres => match (self.target.find("://"), self.target.rfind('@')) {
                 (Some(scheme), Some(at)) if at > scheme => {
-                    let userinfo = &self.target[scheme + 3..at];
-                    let user = userinfo.split(':').next().unwrap_or("");
-                    format!(
-                        "{}{}:***{}",
-                        &self.target[..scheme + 3],
-                        user,
-                        &self.target[at..]
-                    )
+                    match self.target[scheme + 3..at].split_once(':') {
+                        Some((user, _password)) => format!(
+                            "{}{}:***{}",
+                            &self.target[..scheme + 3],
+                            user,
+                            &self.target[at..]
+                        ),
+                        None => self.target.clone(),
+                    }
                 }
                 _ => self.target.clone(),
             },
@@ -258,6 +259,13 @@ mod tests {
     fn passwords_are_redacted() {
         let url = DbUrl::parse("postgres://chat_user:hunter2@db:5432/chat").unwrap();
         assert_eq!(url.redacted(), "postgres://chat_user:***@db:5432/chat");
+        let url = DbUrl::parse("postgres://postgres@127.0.0.1:5432/chat").unwrap();
+        assert_eq!(url.redacted(), "postgres://postgres@127.0.0.1:5432/chat");
+        let url = DbUrl::parse("postgres://chat_user:@db/chat?sslmode=disable").unwrap();
+        assert_eq!(
+            url.redacted(),
+            "postgres://chat_user:***@db/chat?sslmode=disable"
+        );
     }
 
     /// The two migration trees must hold the same migrations under the same names.

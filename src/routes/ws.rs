@@ -14,8 +14,8 @@ use crate::protocol::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX};
 use crate::startup::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/chat/ws", web::get().to(customer))
-        .route("/admin/chat/ws", web::get().to(staff));
+    cfg.service(web::resource("/chat/ws").get(customer))
+        .service(web::resource("/admin/chat/ws").get(staff));
 }
 
 async fn customer(
