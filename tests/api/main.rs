@@ -3,6 +3,7 @@ mod bad_input;
 mod cli;
 mod health;
 mod helpers;
+mod operator;
 mod realtime;
 mod sessions;
 mod ws;
