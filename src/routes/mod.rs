@@ -2,6 +2,9 @@
 //!
 //! The canonical API lives under `/api/v1/`; the chat-studio paths under `/api/` are thin
 //! aliases onto the same handlers.
+//!
+//! Each path is one `web::resource` holding all its methods, so that a known path asked with
+//! another method answers 405 with `Allow` instead of falling through to 404.
 
 mod auth;
 mod health;
@@ -76,7 +79,18 @@ pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
             s if s >= 500 => "internal",
             _ => "error",
         };
-        let message = status.canonical_reason().unwrap_or("error").to_string();
+        let allowed = res
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty());
+        let message = match allowed {
+            Some(allowed) if status.as_u16() == 405 => format!(
+                "{} is not allowed on this path; it takes {allowed}",
+                res.request().method()
+            ),
+            _ => status.canonical_reason().unwrap_or("error").to_string(),
+        };
         let (req, original) = res.into_parts();
         let mut body = HttpResponse::build(status);
         for (name, value) in original.headers() {

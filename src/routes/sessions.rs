@@ -20,7 +20,6 @@ use crate::startup::AppState;
 
 const MAX_TITLE_BYTES: usize = 200;
 
-// One resource per path, so that a known path asked with another method answers 405.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/chat/sessions").post(create).get(list_own))
         .service(web::resource("/chat/sessions/{id}").get(get))

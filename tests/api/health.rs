@@ -136,6 +136,8 @@ async fn a_known_path_with_another_method_is_405_with_allow() {
         allow.sort();
         let body = assert_error(res, 405, "method_not_allowed").await;
         assert_eq!(allow.join(", "), allowed, "{method} {path}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.starts_with(method.as_str()), "{message}");
     }
 }
 
