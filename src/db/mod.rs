@@ -172,13 +172,16 @@ pub fn build_pool(settings: &DatabaseSettings) -> anyhow::Result<(DbPool, Backen
     let backend = url.backend;
     let redacted = url.redacted();
     let manager = ConnectionManager::new(url, settings.busy_timeout.get());
-    if backend == Backend::Sqlite {
-        // WAL is a property of the file: set it once here, before the pool opens several
-        // connections at the same moment and they race for the lock it needs.
-        manager
-            .establish()
-            .with_context(|| format!("opening {redacted}"))?;
-    }
+    // One connection first, alone. SQLite: WAL is a property of the file, set here before the
+    // pool opens several connections at the same moment and they race for the lock it needs.
+    // PostgreSQL: a server that is down or a wrong URL fails at once with the driver's reason,
+    // instead of after DB_ACQUIRE_TIMEOUT of retries by the pool.
+    manager.establish().with_context(|| match backend {
+        Backend::Sqlite => format!("opening {redacted}"),
+        Backend::Postgres => {
+            format!("connecting to {redacted}; is the database running and DATABASE_URL right?")
+        }
+    })?;
     let pool = r2d2::Pool::builder()
         .max_size(settings.max_open_conns)
         .min_idle(Some(settings.max_idle_conns))
