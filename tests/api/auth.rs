@@ -440,3 +440,25 @@ async fn missing_or_malformed_authorization_is_401() {
         .unwrap();
     assert_error(res, 401, "unauthorized").await;
 }
+
+/// The same refresh token sent many times at once: exactly one exchange succeeds.
+#[tokio::test]
+async fn concurrent_refreshes_of_one_token_succeed_once() {
+    let app = spawn_app().await;
+    let signed = app.user("race@example.com", Role::Customer).await;
+    let attempts = (0..6).map(|_| refresh_raw(&app, &signed.refresh_token));
+    let statuses: Vec<u16> = futures_util::future::join_all(attempts)
+        .await
+        .iter()
+        .map(|res| res.status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "{statuses:?}"
+    );
+}
