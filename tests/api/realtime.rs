@@ -842,3 +842,132 @@ async fn resuming_while_an_answer_is_being_stored_repeats_no_seq() {
         );
     }
 }
+
+/// Holds the write lock on the conversation table from outside the server until the returned
+/// sender is dropped or sent to: stores wait, reads go on.
+fn hold_write_lock(db_url: &str) -> std::sync::mpsc::Sender<()> {
+    use diesel::connection::SimpleConnection;
+    let mut conn = crate::helpers::connect(db_url);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let lock = match crate::helpers::backend_name() {
+            // Blocks the UPDATE every store starts with; SELECT still runs.
+            "postgres" => "BEGIN; LOCK TABLE chat_sessions IN EXCLUSIVE MODE;",
+            // WAL mode: one writer at a time, readers go on.
+            _ => "BEGIN IMMEDIATE;",
+        };
+        conn.batch_execute(lock).expect("taking the write lock");
+        locked.send(()).unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(30));
+        conn.batch_execute("COMMIT;")
+            .expect("releasing the write lock");
+    });
+    is_locked
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the write lock was not taken");
+    release
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_while_the_answer_is_committing_delivers_it_once() {
+    // One database thread: the replay's read queues behind the held-up store of the answer,
+    // so the replay reads the answer as a stored message while the live `token` catch-up and
+    // `reply_done` for the same answer wait in the resume's hold queue.
+    let app = spawn_app_with(|s| {
+        s.ai.demo_token_delay = millis(2);
+        s.database.max_open_conns = 1;
+        s.database.max_idle_conns = 1;
+        s.database.busy_timeout = HumanDuration::from_secs(20);
+    })
+    .await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "c-1", "what are your opening hours?")
+        .await;
+    let ack = ws.next_of("ack").await;
+    assert_eq!(ack["seq"], 1, "{ack}");
+
+    let release = hold_write_lock(&app.db_url);
+    let mut so_far = String::new();
+    let streamed = ws
+        .until(|f| {
+            so_far.push_str(f["delta"].as_str().unwrap_or(""));
+            so_far.ends_with("at any time.")
+        })
+        .await;
+    let answer = tokens_text(&streamed);
+    // The provider ends its stream a moment after the last token; the answer then waits on
+    // the lock to be stored. Resume only once it is waiting (a resume that lands earlier
+    // makes this test pass without proving anything, never fail).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.resume(&sid, 1).await;
+    // Let the finished answer's store and the replay's read queue up behind the lock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release.send(()).unwrap();
+
+    let mut frames = ws.until(|f| f["type"] == "resumed").await;
+    frames.extend(ws.ping("fence").await);
+    if !seqs(&frames).contains(&2) {
+        frames.extend(ws.until(|f| f["type"] == "reply_done").await);
+    }
+    assert_eq!(seqs(&frames), vec![2], "the answer once: {frames:?}");
+    if let Some(at) = frames.iter().position(|f| f["type"] == "message") {
+        assert_eq!(frames[at]["content"].as_str().unwrap(), answer);
+        let repeated: Vec<&Value> = frames[at..]
+            .iter()
+            .filter(|f| f["type"] == "token")
+            .collect();
+        assert!(
+            repeated.is_empty(),
+            "tokens after the stored answer: {frames:?}"
+        );
+    } else {
+        assert_eq!(tokens_text(&frames), answer, "{frames:?}");
+    }
+    assert_eq!(
+        stored(&app, &token, &sid, 2).await["content"],
+        answer.as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_resume_past_the_end_or_twice_still_gets_every_event_once() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(0)).await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "p-1", "hello").await;
+    let frames = ws.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(seqs(&frames), vec![1, 2]);
+    drop(ws);
+
+    // A client that claims more than exists is told where the history ends, and what is
+    // stored from there on reaches it.
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.resume(&sid, 50).await;
+    let resumed = ws.next_of("resumed").await;
+    assert_eq!(resumed["last_seq"], 2, "{resumed}");
+    let res = app.post_message(&token, &sid, "still there?", None).await;
+    expect_json(res, 201).await;
+    let live = ws.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(seqs(&live), vec![3, 4], "{live:?}");
+
+    // Two resumes back to back, then a live message: whichever way the replays interleave,
+    // the second one runs from its own `after_seq` to the live events without a gap or a
+    // repeat.
+    ws.resume(&sid, 0).await;
+    ws.resume(&sid, 2).await;
+    let res = app.post_message(&token, &sid, "and now?", None).await;
+    expect_json(res, 201).await;
+    let frames = ws
+        .until(|f| f["type"] == "reply_done" && f["seq"] == 6)
+        .await;
+    let all = seqs(&frames);
+    let from = all
+        .iter()
+        .rposition(|s| *s == 3)
+        .unwrap_or_else(|| panic!("the second replay is missing: {frames:?}"));
+    assert_eq!(all[from..], [3, 4, 5, 6], "{frames:?}");
+    let resumed: Vec<&Value> = frames.iter().filter(|f| f["type"] == "resumed").collect();
+    assert!(matches!(resumed.len(), 1 | 2), "{frames:?}");
+}

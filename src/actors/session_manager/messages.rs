@@ -123,9 +123,18 @@ pub struct Committed {
 pub struct Replayed {
     pub conn_id: ConnId,
     pub session_id: String,
-    /// The seq the page starts after; a page that no longer matches the member is stale.
-    pub after: i64,
-    pub messages: Result<Vec<ChatMessage>, ()>,
+    /// Which `resume` this page was read for; a page for an earlier one is stale.
+    pub replay: u64,
+    pub page: Result<ReplayPage, ()>,
+}
+
+/// One page of a replay.
+#[derive(Debug)]
+pub struct ReplayPage {
+    /// Stored messages after the requested seq, oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// The conversation's last seq when the page was read.
+    pub last_seq: i64,
 }
 
 /// A piece of an AI answer.

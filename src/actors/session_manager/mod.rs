@@ -24,6 +24,7 @@ use crate::actors::inference::{InferencePool, StartReply};
 use crate::actors::persistence::committer::{Append, Committer};
 use crate::actors::persistence::Db;
 use crate::db::models::message::{self, Order, Rejected};
+use crate::db::models::session as sessions;
 use crate::db::models::{serialize_time_string, Appended, ChatMessage, NewMessage, Role};
 use crate::protocol::{MessageView, Peer, ServerFrame};
 
@@ -31,23 +32,64 @@ use crate::protocol::{MessageView, Peer, ServerFrame};
 #[derive(Clone)]
 struct Event {
     text: ByteString,
-    /// The stored message this event shows, if any (`message`, `reply_done`).
-    seq: Option<i64>,
-    /// Only `message` frames are dropped when a replay already delivered them.
-    is_message: bool,
+    kind: EventKind,
+}
+
+/// What an event shows, so that a replay can drop what it already delivered.
+#[derive(Clone)]
+enum EventKind {
+    /// A stored message (`message`).
+    Message { seq: i64 },
+    /// A piece of the answer `reply_id`.
+    Token { reply_id: String },
+    /// The answer `reply_id` is stored as `seq`.
+    ReplyDone { reply_id: String, seq: i64 },
+    /// Presence, errors: delivered as they come.
+    Other,
+}
+
+impl EventKind {
+    /// The stored seq this event shows, if any.
+    fn seq(&self) -> Option<i64> {
+        match self {
+            EventKind::Message { seq } | EventKind::ReplyDone { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    fn of(frame: &ServerFrame) -> EventKind {
+        match frame {
+            ServerFrame::Message(m) => EventKind::Message { seq: m.seq },
+            ServerFrame::Token { reply_id, .. } => EventKind::Token {
+                reply_id: reply_id.clone(),
+            },
+            ServerFrame::ReplyDone { reply_id, seq, .. } => EventKind::ReplyDone {
+                reply_id: reply_id.clone(),
+                seq: *seq,
+            },
+            _ => EventKind::Other,
+        }
+    }
 }
 
 enum MemberState {
     /// Waiting for the replay of stored messages; live events are held here meanwhile.
     Replaying {
+        /// Tells this replay's pages from those of an earlier `resume` of the same member.
+        replay: u64,
         held: Vec<Event>,
+        /// The last page, read while the answer in flight was being stored: it is sent once
+        /// that store is settled, so the replay and the held events agree on whether the
+        /// answer is in the history.
+        last_page: Option<Vec<ByteString>>,
     },
     Live,
 }
 
 struct Member {
     state: MemberState,
-    /// Highest seq delivered to this member as a `message`; later copies are skipped.
+    /// Highest stored seq delivered to this member (`message`, `reply_done`); a later copy
+    /// of the same or an older seq is skipped.
     delivered: i64,
 }
 
@@ -89,6 +131,8 @@ pub struct SessionManager {
     held_max: usize,
     connections: HashMap<ConnId, Connection>,
     conversations: HashMap<String, Conversation>,
+    /// Numbers each `resume`, so a page read for an earlier one is recognised as stale.
+    next_replay: u64,
 }
 
 impl SessionManager {
@@ -108,6 +152,7 @@ impl SessionManager {
             held_max: held_max.max(1),
             connections: HashMap::new(),
             conversations: HashMap::new(),
+            next_replay: 1,
         })
     }
 
@@ -162,11 +207,10 @@ impl SessionManager {
     }
 
     /// Sends one event to every member of a conversation, serialised once.
-    fn broadcast(&mut self, session_id: &str, frame: &ServerFrame, seq: Option<i64>) {
+    fn broadcast(&mut self, session_id: &str, frame: &ServerFrame) {
         let event = Event {
             text: ByteString::from(frame.to_text()),
-            seq,
-            is_message: matches!(frame, ServerFrame::Message(_)),
+            kind: EventKind::of(frame),
         };
         let Some(conv) = self.conversations.get_mut(session_id) else {
             return;
@@ -175,17 +219,16 @@ impl SessionManager {
         let mut overflowing = Vec::new();
         for (conn_id, member) in conv.members.iter_mut() {
             match &mut member.state {
-                MemberState::Replaying { held } if held.len() >= self.held_max => {
+                MemberState::Replaying { held, .. } if held.len() >= self.held_max => {
                     overflowing.push(*conn_id)
                 }
-                MemberState::Replaying { held } => held.push(event.clone()),
+                MemberState::Replaying { held, .. } => held.push(event.clone()),
                 MemberState::Live => {
-                    if event.is_message {
-                        let s = seq.unwrap_or(0);
-                        if s <= member.delivered {
+                    if let Some(seq) = event.kind.seq() {
+                        if seq <= member.delivered {
                             continue;
                         }
-                        member.delivered = s;
+                        member.delivered = seq;
                     }
                     deliver.push(*conn_id);
                 }
@@ -222,7 +265,7 @@ impl SessionManager {
             session_id: session_id.to_string(),
             members,
         };
-        self.broadcast(session_id, &frame, None);
+        self.broadcast(session_id, &frame);
     }
 
     /// The answer in flight in a conversation, if it is `reply_id` (any answer when `None`).
@@ -355,11 +398,7 @@ impl SessionManager {
             return;
         }
         let m = &appended.message;
-        self.broadcast(
-            &m.session_id,
-            &ServerFrame::Message(Self::message_view(m)),
-            Some(m.seq),
-        );
+        self.broadcast(&m.session_id, &ServerFrame::Message(Self::message_view(m)));
         if m.role == "user" {
             self.start_reply(&m.session_id.clone(), ctx);
         }
@@ -386,16 +425,17 @@ impl SessionManager {
                     seq: m.seq,
                     interrupted: m.interrupted,
                 };
-                self.broadcast(&session_id, &frame, Some(m.seq));
+                self.broadcast(&session_id, &frame);
             }
             Err(failure) => {
                 log::error!(
                     "the AI answer {reply_id} in {session_id} could not be stored: {failure:?}"
                 );
                 let frame = Self::failure_frame(&session_id, None, &failure);
-                self.broadcast(&session_id, &frame, None);
+                self.broadcast(&session_id, &frame);
             }
         }
+        self.finish_waiting_replays(&session_id);
         let pending = self
             .conversations
             .get(&session_id)
@@ -465,7 +505,8 @@ impl Handler<Join> for SessionManager {
             return;
         };
         let mut held = Vec::new();
-        // An answer being written: the joiner first gets what was written so far.
+        // An answer being written: the joiner first gets what was written so far. If the
+        // replay turns out to hold that answer already stored, this is dropped.
         if let Some(reply) = conv.reply.as_ref().filter(|r| !r.text.is_empty()) {
             let frame = ServerFrame::Token {
                 session_id: session_id.clone(),
@@ -474,21 +515,28 @@ impl Handler<Join> for SessionManager {
             };
             held.push(Event {
                 text: ByteString::from(frame.to_text()),
-                seq: None,
-                is_message: false,
+                kind: EventKind::of(&frame),
             });
         }
+        let replay = self.next_replay;
+        self.next_replay += 1;
+        // A second `resume` replaces the first: its held events and pages in flight are
+        // dropped, and this one reads the history again from its own `after_seq`.
         conv.members.insert(
             conn_id,
             Member {
-                state: MemberState::Replaying { held },
+                state: MemberState::Replaying {
+                    replay,
+                    held,
+                    last_page: None,
+                },
                 delivered: after_seq,
             },
         );
         if newly_joined {
             self.announce_presence(&session_id);
         }
-        self.fetch_replay(conn_id, session_id, after_seq, ctx);
+        self.fetch_replay(conn_id, session_id, replay, after_seq, ctx);
     }
 }
 
@@ -498,6 +546,7 @@ impl SessionManager {
         &self,
         conn_id: ConnId,
         session_id: String,
+        replay: u64,
         after: i64,
         ctx: &mut Context<Self>,
     ) {
@@ -506,17 +555,90 @@ impl SessionManager {
         let me = ctx.address();
         actix::spawn(async move {
             let sid = session_id.clone();
-            let messages = db
-                .run(move |c| Ok(message::page(c, &sid, Order::Asc, Some(after), limit)?))
+            let page = db
+                .run(move |c| {
+                    // Read first, so a message stored between the two reads is in `last_seq`
+                    // and never taken for one beyond the end.
+                    let last_seq = sessions::find(c, &sid)?.map_or(0, |s| s.last_seq);
+                    let messages = message::page(c, &sid, Order::Asc, Some(after), limit)?;
+                    Ok(ReplayPage { messages, last_seq })
+                })
                 .await
                 .map_err(|e| log::error!("replaying {session_id} failed: {e}"));
             me.do_send(Replayed {
                 conn_id,
                 session_id,
-                after,
-                messages,
+                replay,
+                page,
             });
         });
+    }
+
+    /// Sends a replaying member the last page of its replay, `resumed`, then the live events
+    /// held meanwhile, less those the replay already holds; the member is live from here.
+    fn finish_replay(&mut self, conn_id: ConnId, session_id: &str, mut batch: Vec<ByteString>) {
+        let Some(member) = self
+            .conversations
+            .get_mut(session_id)
+            .and_then(|c| c.members.get_mut(&conn_id))
+        else {
+            return;
+        };
+        let MemberState::Replaying { held, .. } =
+            std::mem::replace(&mut member.state, MemberState::Live)
+        else {
+            return;
+        };
+        batch.push(ByteString::from(
+            ServerFrame::Resumed {
+                session_id: session_id.to_string(),
+                last_seq: member.delivered,
+            }
+            .to_text(),
+        ));
+        // Answers the replay gave as stored messages: their held tokens are repeats too.
+        let stored: HashSet<&str> = held
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::ReplyDone { reply_id, seq } if *seq <= member.delivered => {
+                    Some(reply_id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let mut delivered = member.delivered;
+        for event in &held {
+            match &event.kind {
+                EventKind::Token { reply_id } if stored.contains(reply_id.as_str()) => continue,
+                kind => match kind.seq() {
+                    Some(seq) if seq <= delivered => continue,
+                    Some(seq) => delivered = seq,
+                    None => {}
+                },
+            }
+            batch.push(event.text.clone());
+        }
+        member.delivered = delivered;
+        self.push(conn_id, Out::Batch(batch));
+    }
+
+    /// The answer in flight in `session_id` is settled: members whose replay waited for it
+    /// get the rest of it now.
+    fn finish_waiting_replays(&mut self, session_id: &str) {
+        let Some(conv) = self.conversations.get_mut(session_id) else {
+            return;
+        };
+        let waiting: Vec<(ConnId, Vec<ByteString>)> = conv
+            .members
+            .iter_mut()
+            .filter_map(|(id, m)| match &mut m.state {
+                MemberState::Replaying { last_page, .. } => last_page.take().map(|p| (*id, p)),
+                MemberState::Live => None,
+            })
+            .collect();
+        for (conn_id, page) in waiting {
+            self.finish_replay(conn_id, session_id, page);
+        }
     }
 }
 
@@ -525,17 +647,20 @@ impl Handler<Replayed> for SessionManager {
 
     fn handle(&mut self, msg: Replayed, ctx: &mut Context<Self>) {
         let resume_max = self.resume_max;
-        let Some(member) = self
-            .conversations
-            .get_mut(&msg.session_id)
-            .and_then(|c| c.members.get_mut(&msg.conn_id))
-        else {
+        let Some(conv) = self.conversations.get_mut(&msg.session_id) else {
             return;
         };
-        if !matches!(member.state, MemberState::Replaying { .. }) || member.delivered != msg.after {
+        let answer_storing = conv
+            .reply
+            .as_ref()
+            .is_some_and(|r| matches!(r.state, ReplyState::Committing));
+        let Some(member) = conv.members.get_mut(&msg.conn_id) else {
+            return;
+        };
+        if !matches!(member.state, MemberState::Replaying { replay, .. } if replay == msg.replay) {
             return; // stale: a newer resume replaced this one
         }
-        let Ok(messages) = msg.messages else {
+        let Ok(ReplayPage { messages, last_seq }) = msg.page else {
             member.state = MemberState::Live;
             let frame = ServerFrame::Error {
                 code: "resume_failed".into(),
@@ -554,37 +679,27 @@ impl Handler<Replayed> for SessionManager {
             ));
             member.delivered = m.seq;
         }
+        if messages.is_empty() && member.delivered > last_seq {
+            // `after_seq` beyond the end: live events from the real end on must not be
+            // taken for ones already seen.
+            member.delivered = last_seq;
+        }
         if full_page {
             // More may follow: send this page and read the next, still holding live events.
             let after = member.delivered;
             self.push(msg.conn_id, Out::Batch(batch));
-            self.fetch_replay(msg.conn_id, msg.session_id, after, ctx);
+            self.fetch_replay(msg.conn_id, msg.session_id, msg.replay, after, ctx);
             return;
         }
-        let MemberState::Replaying { held } =
-            std::mem::replace(&mut member.state, MemberState::Live)
-        else {
+        if answer_storing {
+            // Whether this page holds the answer being stored is unknown until its store
+            // is settled; hold the page until then (`finish_waiting_replays`).
+            if let MemberState::Replaying { last_page, .. } = &mut member.state {
+                *last_page = Some(batch);
+            }
             return;
-        };
-        batch.push(ByteString::from(
-            ServerFrame::Resumed {
-                session_id: msg.session_id.clone(),
-                last_seq: member.delivered,
-            }
-            .to_text(),
-        ));
-        for event in held {
-            if event.is_message {
-                // Held while replaying: skip what the replay already gave.
-                match event.seq {
-                    Some(s) if s <= member.delivered => continue,
-                    Some(s) => member.delivered = s,
-                    None => {}
-                }
-            }
-            batch.push(event.text);
         }
-        self.push(msg.conn_id, Out::Batch(batch));
+        self.finish_replay(msg.conn_id, &msg.session_id, batch);
     }
 }
 
@@ -695,7 +810,7 @@ impl Handler<TokenChunk> for SessionManager {
             reply_id: msg.reply_id,
             delta: msg.delta,
         };
-        self.broadcast(&msg.session_id, &frame, None);
+        self.broadcast(&msg.session_id, &frame);
     }
 }
 
@@ -716,13 +831,14 @@ impl Handler<ReplyFinished> for SessionManager {
                 session_id: Some(msg.session_id.clone()),
                 client_id: None,
             };
-            self.broadcast(&msg.session_id, &frame, None);
+            self.broadcast(&msg.session_id, &frame);
         }
         if text.is_empty() {
             // Nothing was written: there is no answer to store.
             if let Some(conv) = self.conversations.get_mut(&msg.session_id) {
                 conv.reply = None;
             }
+            self.finish_waiting_replays(&msg.session_id);
             self.tidy(&msg.session_id);
             return;
         }
