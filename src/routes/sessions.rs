@@ -258,7 +258,9 @@ async fn post_message(
         Err(AppendFailure::Rejected(Rejected::SessionNotFound)) => {
             Err(ApiError::NotFound("conversation"))
         }
-        Err(AppendFailure::Store) => Err(ApiError::Unavailable("the message store")),
+        Err(AppendFailure::Store | AppendFailure::ShuttingDown) => {
+            Err(ApiError::Unavailable("the message store"))
+        }
     }
 }
 

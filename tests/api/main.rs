@@ -1,3 +1,4 @@
 mod helpers;
 mod realtime;
+mod shutdown;
 mod ws;

@@ -18,6 +18,8 @@ pub enum Out {
     Batch(Vec<ByteString>),
     Ping,
     Pong(actix_web::web::Bytes),
+    /// Say why and close the socket, after whatever was queued before.
+    Close(Kick),
 }
 
 /// The sending half of a connection's bounded outbound queue.
@@ -108,6 +110,8 @@ pub enum AppendFailure {
     Rejected(Rejected),
     /// The database failed; nothing was stored.
     Store,
+    /// The server is shutting down and takes no new messages.
+    ShuttingDown,
 }
 
 /// A batch was committed (or failed); outcomes in the order the messages were posted.
@@ -167,4 +171,14 @@ pub struct ReplyFinished {
     pub reply_id: String,
     pub outcome: ReplyOutcome,
     pub model: Option<String>,
+}
+
+/// Shut down: take no new messages, interrupt the answers in flight, store everything
+/// pending, then close every socket with a reason. `done` fires when all that is over, or
+/// after `grace` whatever is left.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain {
+    pub grace: std::time::Duration,
+    pub done: oneshot::Sender<()>,
 }

@@ -133,6 +133,10 @@ pub struct SessionManager {
     conversations: HashMap<String, Conversation>,
     /// Numbers each `resume`, so a page read for an earlier one is recognised as stale.
     next_replay: u64,
+    /// Messages handed to the committer whose outcome has not come back yet.
+    pending_writes: usize,
+    /// Set once shutdown began: who waits for it to end.
+    draining: Option<Vec<oneshot::Sender<()>>>,
 }
 
 impl SessionManager {
@@ -153,6 +157,8 @@ impl SessionManager {
             connections: HashMap::new(),
             conversations: HashMap::new(),
             next_replay: 1,
+            pending_writes: 0,
+            draining: None,
         })
     }
 
@@ -278,6 +284,9 @@ impl SessionManager {
 
     /// Asks the pool for an AI answer in a conversation, unless one is already in flight.
     fn start_reply(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        if self.draining.is_some() {
+            return; // no new answers while shutting down
+        }
         let conv = self
             .conversations
             .entry(session_id.to_string())
@@ -334,6 +343,11 @@ impl SessionManager {
             AppendFailure::Store => (
                 "store_failed",
                 "the message could not be stored; it was not delivered, send it again".to_string(),
+            ),
+            AppendFailure::ShuttingDown => (
+                "shutting_down",
+                "the server is restarting and did not store this; send it again after reconnecting"
+                    .to_string(),
             ),
         };
         ServerFrame::Error {
@@ -451,10 +465,96 @@ impl Actor for SessionManager {
     type Context = Context<Self>;
 }
 
+impl SessionManager {
+    /// Hands a message to the committer, counting it until its outcome comes back.
+    fn store(&mut self, append: Append) {
+        self.pending_writes += 1;
+        self.committer.do_send(append);
+    }
+
+    /// While shutting down: once no answer is in flight and every write is settled, closes
+    /// every socket (after what is queued for it) and says the drain is over.
+    fn check_drained(&mut self) {
+        if self.draining.is_none()
+            || self.pending_writes > 0
+            || self.conversations.values().any(|c| c.reply.is_some())
+        {
+            return;
+        }
+        self.close_all();
+    }
+
+    fn close_all(&mut self) {
+        let Some(waiting) = self.draining.as_mut().map(std::mem::take) else {
+            return;
+        };
+        for conn in self.connections.values() {
+            let kick = Kick {
+                code: "shutdown",
+                message: "the server is restarting; reconnect and resume".into(),
+            };
+            // Behind the frames already queued (the last `reply_done`s); a socket with no
+            // room left is closed at once.
+            if conn.outbox.try_send(Out::Close(kick.clone())).is_err() {
+                conn.kick.do_send(kick);
+            }
+        }
+        // Nobody is told who left: everybody is leaving.
+        self.connections.clear();
+        self.conversations.clear();
+        for done in waiting {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Handler<Drain> for SessionManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) {
+        let first = self.draining.is_none();
+        self.draining.get_or_insert_with(Vec::new).push(msg.done);
+        if !first {
+            return;
+        }
+        log::info!(
+            "shutting down: interrupting {} answer(s), storing {} pending message(s)",
+            self.conversations
+                .values()
+                .filter(|c| c.reply.is_some())
+                .count(),
+            self.pending_writes
+        );
+        for conv in self.conversations.values_mut() {
+            conv.turn_pending = false;
+            if let Some(cancel) = conv.reply.as_mut().and_then(|r| r.cancel.take()) {
+                let _ = cancel.send(());
+            }
+        }
+        ctx.run_later(msg.grace, |act, _| {
+            if act.draining.as_ref().is_some_and(|w| !w.is_empty()) {
+                log::warn!(
+                    "shutdown grace period over with {} message(s) still being stored; closing sockets",
+                    act.pending_writes
+                );
+                act.close_all();
+            }
+        });
+        self.check_drained();
+    }
+}
+
 impl Handler<Connect> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, _: &mut Context<Self>) {
+        if self.draining.is_some() {
+            msg.kick.do_send(Kick {
+                code: "shutdown",
+                message: "the server is restarting; reconnect and resume".into(),
+            });
+            return;
+        }
         self.connections.insert(
             msg.conn_id,
             Connection {
@@ -722,7 +822,10 @@ impl Handler<Leave> for SessionManager {
 impl Handler<PostMessage> for SessionManager {
     type Result = ();
 
-    fn handle(&mut self, msg: PostMessage, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: PostMessage, ctx: &mut Context<Self>) {
+        if self.draining.is_some() {
+            return self.settle(msg.origin, Err(AppendFailure::ShuttingDown), ctx);
+        }
         let role = if msg.role.is_staff() { "agent" } else { "user" };
         let append = Append {
             message: NewMessage {
@@ -737,7 +840,7 @@ impl Handler<PostMessage> for SessionManager {
             },
             origin: msg.origin,
         };
-        self.committer.do_send(append);
+        self.store(append);
     }
 }
 
@@ -745,9 +848,11 @@ impl Handler<Committed> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
+        self.pending_writes = self.pending_writes.saturating_sub(msg.outcomes.len());
         for (origin, outcome) in msg.outcomes {
             self.settle(origin, outcome, ctx);
         }
+        self.check_drained();
     }
 }
 
@@ -840,6 +945,7 @@ impl Handler<ReplyFinished> for SessionManager {
             }
             self.finish_waiting_replays(&msg.session_id);
             self.tidy(&msg.session_id);
+            self.check_drained();
             return;
         }
         let append = Append {
@@ -858,6 +964,6 @@ impl Handler<ReplyFinished> for SessionManager {
                 reply_id: msg.reply_id,
             },
         };
-        self.committer.do_send(append);
+        self.store(append);
     }
 }

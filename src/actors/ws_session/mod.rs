@@ -378,9 +378,13 @@ async fn write_loop(
             }
             out = rx.recv() => out,
         };
-        let Some(out) = out else {
-            let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
-            return;
+        let out = match out {
+            None => {
+                let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
+                return;
+            }
+            Some(Out::Close(kick)) => return say_goodbye(socket, kick).await,
+            Some(out) => out,
         };
         let sent = tokio::select! {
             biased;
@@ -409,6 +413,8 @@ async fn write_one(socket: &mut actix_ws::Session, out: Out) -> Result<(), actix
         }
         Out::Ping => socket.ping(b"").await,
         Out::Pong(bytes) => socket.pong(&bytes).await,
+        // Handled by the loop: it ends the connection.
+        Out::Close(_) => Ok(()),
     }
 }
 
