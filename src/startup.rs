@@ -19,6 +19,7 @@ use crate::auth::JwtKeys;
 use crate::config::Settings;
 use crate::db;
 use crate::providers::demo::DemoProvider;
+use crate::ratelimit::{self, RateLimits};
 use crate::routes;
 use crate::telemetry::RequestId;
 
@@ -28,6 +29,7 @@ pub struct AppState {
     pub db: Db,
     pub jwt: JwtKeys,
     pub manager: Addr<SessionManager>,
+    pub limits: Arc<RateLimits>,
 }
 
 pub struct Application {
@@ -79,6 +81,7 @@ impl Application {
             settings: Arc::new(settings.clone()),
             db,
             manager: manager.clone(),
+            limits: Arc::new(RateLimits::new(&settings.rate_limit)),
         });
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -89,6 +92,9 @@ impl Application {
             let route_settings = route_settings.clone();
             App::new()
                 .app_data(state.clone())
+                .wrap(actix_web::middleware::from_fn(
+                    ratelimit::http::limit_sign_in,
+                ))
                 .wrap(routes::json_errors())
                 .wrap(RequestId)
                 .configure(move |cfg| routes::configure(cfg, &route_settings))

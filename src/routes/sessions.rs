@@ -216,6 +216,7 @@ async fn post_message(
     path: web::Path<String>,
     body: web::Json<NewPost>,
 ) -> Result<HttpResponse, ApiError> {
+    crate::ratelimit::http::enforce(state.limits.messages.check(&caller.id))?;
     let found = visible_session(&state, &caller, path.into_inner()).await?;
     let NewPost {
         content,

@@ -1,4 +1,5 @@
 mod helpers;
+mod ratelimit;
 mod realtime;
 mod shutdown;
 mod ws;

@@ -556,7 +556,13 @@ async fn many_customers_at_once_get_every_message_acked_and_stored_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_dropped_without_slowing_others() {
     const SENT: usize = 1500;
-    let app = spawn_app_with(|s| s.realtime.outbound_queue = 8).await;
+    let app = spawn_app_with(|s| {
+        s.realtime.outbound_queue = 8;
+        // One user writing 1500 messages as fast as they are acked is a flood by default.
+        s.rate_limit.messages_per_minute = 0;
+        s.rate_limit.ws_frames_per_second = 0;
+    })
+    .await;
     let (token_a, _, sid_a) = customer_with_session(&app).await;
     let (token_b, _, sid_b) = customer_with_session(&app).await;
 
@@ -970,4 +976,91 @@ async fn a_resume_past_the_end_or_twice_still_gets_every_event_once() {
     assert_eq!(all[from..], [3, 4, 5, 6], "{frames:?}");
     let resumed: Vec<&Value> = frames.iter().filter(|f| f["type"] == "resumed").collect();
     assert!(matches!(resumed.len(), 1 | 2), "{frames:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_past_the_pending_ack_limit_are_refused_until_acks_come_back() {
+    let app = spawn_app_with(|s| {
+        s.realtime.max_pending_acks = 2;
+        s.database.busy_timeout = HumanDuration::from_secs(20);
+    })
+    .await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    // The access check is done once, before the store is held up.
+    ws.send_message(&sid, "first", "hello").await;
+    ws.next_of("ack").await;
+    ws.until(|f| f["type"] == "reply_done").await;
+
+    let release = hold_write_lock(&app.db_url);
+    for i in 0..3 {
+        ws.feed(&json!({
+            "type": "send", "session_id": sid, "client_id": format!("p-{i}"), "content": "more"
+        }))
+        .await;
+    }
+    ws.flush().await;
+    let refused = ws.next_of("error").await;
+    assert_eq!(refused["code"], "too_many_pending", "{refused}");
+    assert_eq!(refused["client_id"], "p-2", "{refused}");
+    release.send(()).unwrap();
+    let mut acked = Vec::new();
+    while acked.len() < 2 {
+        let f = ws.next().await;
+        assert_ne!(f["type"], "error", "{f}");
+        if f["type"] == "ack" {
+            acked.push(f["client_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(acked, ["p-0", "p-1"]);
+    // With the acks back, sending works again.
+    ws.send_message(&sid, "p-2", "more").await;
+    let ack = ws.next_of("ack").await;
+    assert_eq!(ack["client_id"], "p-2", "{ack}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fails_is_reported_to_the_sender_and_nothing_is_acked() {
+    let app = spawn_app_with(|s| {
+        // The held lock makes the store fail fast instead of waiting for it.
+        s.database.busy_timeout = HumanDuration::from_millis(200);
+        let url = s.database.url.expose().to_string();
+        if url.starts_with("postgres") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            s.database.url = switchboard::config::Secret::new(format!(
+                "{url}{sep}options=-c%20lock_timeout%3D200"
+            ));
+        }
+    })
+    .await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "warm-up", "hello").await;
+    ws.next_of("ack").await;
+    ws.until(|f| f["type"] == "reply_done").await;
+
+    let release = hold_write_lock(&app.db_url);
+    ws.send_message(&sid, "lost-1", "this one cannot be stored")
+        .await;
+    let frames = ws
+        .until(|f| f["type"] == "error" || f["type"] == "ack")
+        .await;
+    release.send(()).unwrap();
+    let e = frames.last().unwrap();
+    assert_eq!(e["type"], "error", "{frames:?}");
+    assert_eq!(e["code"], "store_failed", "{e}");
+    assert_eq!(e["client_id"], "lost-1", "{e}");
+    assert!(frames.iter().all(|f| f["type"] != "message"), "{frames:?}");
+    assert_eq!(
+        app.message_count(&sid).await,
+        2,
+        "only the warm-up and its answer"
+    );
+
+    // Once the database is back, the same message goes through with the next seq.
+    ws.send_message(&sid, "lost-1", "this one cannot be stored")
+        .await;
+    let ack = ws.next_of("ack").await;
+    assert_eq!(ack["seq"], 3, "{ack}");
+    assert_eq!(ack["duplicate"], false, "{ack}");
 }

@@ -1,3 +1,6 @@
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
 use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +37,8 @@ pub struct Connect {
     pub role: Role,
     pub outbox: Outbox,
     pub kick: Recipient<Kick>,
+    /// The connection's sends not yet settled; counted down as each ack or error is queued.
+    pub pending_acks: Arc<AtomicUsize>,
 }
 
 /// A connection closed: forget it everywhere.

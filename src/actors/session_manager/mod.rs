@@ -13,6 +13,8 @@
 pub mod messages;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -99,6 +101,7 @@ struct Connection {
     outbox: Outbox,
     kick: Recipient<Kick>,
     sessions: HashSet<String>,
+    pending_acks: Arc<AtomicUsize>,
 }
 
 enum ReplyState {
@@ -365,6 +368,14 @@ impl SessionManager {
         outcome: Result<Appended, AppendFailure>,
         ctx: &mut Context<Self>,
     ) {
+        if let Origin::Socket { conn_id, .. } = &origin {
+            if let Some(conn) = self.connections.get(conn_id) {
+                // Saturating: a send that did not come through the counting path is fine.
+                let _ = conn
+                    .pending_acks
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            }
+        }
         match (origin, outcome) {
             (Origin::Socket { conn_id, .. }, Ok(appended)) => {
                 let m = &appended.message;
@@ -563,6 +574,7 @@ impl Handler<Connect> for SessionManager {
                 outbox: msg.outbox,
                 kick: msg.kick,
                 sessions: HashSet::new(),
+                pending_acks: msg.pending_acks,
             },
         );
     }
