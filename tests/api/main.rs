@@ -1,4 +1,5 @@
 mod helpers;
+mod memory;
 mod ratelimit;
 mod realtime;
 mod shutdown;

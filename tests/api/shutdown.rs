@@ -13,9 +13,9 @@ use crate::helpers::{connect, TestDatabase, CONFIG_DIR, JWT_SECRET};
 use crate::ws::{try_connect, CUSTOMER_PATH};
 
 /// The server process; killed if the test ends before it exits.
-struct Server {
-    child: Child,
-    port: u16,
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
 }
 
 impl Drop for Server {
@@ -25,9 +25,11 @@ impl Drop for Server {
     }
 }
 
-/// Starts `switchboard serve` on a free port and waits for it to say where it listens.
-fn start_server(db_url: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+/// Starts `switchboard serve` on a free port and waits for it to say where it listens;
+/// `env` adds to (or overrides) the variables set here.
+pub fn start_server(db_url: &str, env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command
         .arg("serve")
         .env("CONFIG_DIR", CONFIG_DIR)
         .env("DATABASE_URL", db_url)
@@ -37,17 +39,19 @@ fn start_server(db_url: &str) -> Server {
         .env("LOG_LEVEL", "info")
         .env("AI_DEMO_TOKEN_DELAY", "150ms")
         .env("SHUTDOWN_TIMEOUT", "20s")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the switchboard binary");
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("starting the switchboard binary");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut told = false;
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            eprintln!("server: {line}");
+            if !line.contains("switchboard::http") {
+                eprintln!("server: {line}");
+            }
             if !told {
                 if let Some(port) = line
                     .split("(port ")
@@ -70,7 +74,7 @@ fn start_server(db_url: &str) -> Server {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason() {
     let db = TestDatabase::new();
-    let mut server = start_server(&db.url);
+    let mut server = start_server(&db.url, &[]);
     let base = format!("http://127.0.0.1:{}", server.port);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
 
