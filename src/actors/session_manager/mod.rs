@@ -9,6 +9,10 @@
 //! Every event is serialised once and the same bytes are queued for every recipient. A
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
 //! else waits for it.
+//!
+//! On shutdown (`Drain`) it takes no new messages or answers, cancels the answers in flight
+//! (stored as interrupted), waits for every write it handed to the committer to be settled
+//! (acked or refused), then queues a close with a reason behind each socket's last frames.
 
 pub mod messages;
 

@@ -6,6 +6,11 @@
 //! the connection's bounded outbound queue into the socket; the SessionManager and this actor
 //! both queue into it. Registers with the SessionManager in `started()`, leaves in
 //! `stopping()`, pings on a heartbeat and drops a client that stays silent too long.
+//!
+//! What one client can make the node hold is bounded here: frames are read one at a time
+//! (the socket waits meanwhile), each takes a token from this socket's budget (over it:
+//! `rate_limited`, and a close if the client keeps on), each `send` a token from the user's
+//! message budget, and at most `max_pending_acks` sends wait for their ack at once.
 
 pub mod messages;
 
