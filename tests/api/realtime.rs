@@ -851,7 +851,7 @@ async fn resuming_while_an_answer_is_being_stored_repeats_no_seq() {
 
 /// Holds the write lock on the conversation table from outside the server until the returned
 /// sender is dropped or sent to: stores wait, reads go on.
-fn hold_write_lock(db_url: &str) -> std::sync::mpsc::Sender<()> {
+pub(crate) fn hold_write_lock(db_url: &str) -> std::sync::mpsc::Sender<()> {
     use diesel::connection::SimpleConnection;
     let mut conn = crate::helpers::connect(db_url);
     let (release, released) = std::sync::mpsc::channel::<()>();

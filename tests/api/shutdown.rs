@@ -7,15 +7,34 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchboard::db::models::message::{self, Order};
+use switchboard::db::models::ChatMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::{connect, TestDatabase, CONFIG_DIR, JWT_SECRET};
-use crate::ws::{try_connect, CUSTOMER_PATH};
+use crate::realtime::hold_write_lock;
+use crate::ws::{try_connect, WsClient, CUSTOMER_PATH};
 
 /// The server process; killed if the test ends before it exits.
 pub struct Server {
     pub child: Child,
     pub port: u16,
+    /// The server's log lines, as they come.
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Waits for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?} within 30 s: {e}"),
+            }
+        }
+    }
 }
 
 impl Drop for Server {
@@ -45,6 +64,7 @@ pub fn start_server(db_url: &str, env: &[(&str, &str)]) -> Server {
     let mut child = command.spawn().expect("starting the switchboard binary");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    let (log_tx, log) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut told = false;
         for line in BufReader::new(stderr).lines() {
@@ -52,6 +72,7 @@ pub fn start_server(db_url: &str, env: &[(&str, &str)]) -> Server {
             if !line.contains("switchboard::http") {
                 eprintln!("server: {line}");
             }
+            let _ = log_tx.send(line.clone());
             if !told {
                 if let Some(port) = line
                     .split("(port ")
@@ -68,16 +89,11 @@ pub fn start_server(db_url: &str, env: &[(&str, &str)]) -> Server {
     let port = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the server did not log its port within 60 s");
-    Server { child, port }
+    Server { child, port, log }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason() {
-    let db = TestDatabase::new();
-    let mut server = start_server(&db.url, &[]);
-    let base = format!("http://127.0.0.1:{}", server.port);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-
+/// A new guest and a conversation of theirs: (token, session id).
+async fn guest_with_session(http: &reqwest::Client, base: &str) -> (String, String) {
     let guest: Value = http
         .post(format!("{base}/api/v1/auth/guest"))
         .send()
@@ -86,13 +102,10 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
         .json()
         .await
         .unwrap();
-    let token = guest["access_token"]
-        .as_str()
-        .expect("a guest token")
-        .to_string();
+    let token = guest["access_token"].as_str().expect("a guest token");
     let session: Value = http
         .post(format!("{base}/api/v1/chat/sessions"))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .json(&json!({"title": "drain"}))
         .send()
         .await
@@ -100,8 +113,11 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
         .json()
         .await
         .unwrap();
-    let sid = session["id"].as_str().expect("a session id").to_string();
+    let sid = session["id"].as_str().expect("a session id");
+    (token.to_string(), sid.to_string())
+}
 
+async fn connect_customer(server: &Server, token: &str) -> WsClient {
     let url = format!(
         "ws://127.0.0.1:{}{CUSTOMER_PATH}?token={token}",
         server.port
@@ -110,6 +126,29 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
         .await
         .expect("connecting");
     assert_eq!(ws.next().await["type"], "hello");
+    ws
+}
+
+fn stored(db_url: &str, session_id: &str) -> Vec<ChatMessage> {
+    message::page(&mut connect(db_url), session_id, Order::Asc, None, 10).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason() {
+    let db = TestDatabase::new();
+    let mut server = start_server(&db.url, &[]);
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (token, sid) = guest_with_session(&http, &base).await;
+    let mut ws = connect_customer(&server, &token).await;
+
+    // A second customer whose message is still being stored when the signal comes.
+    let (other_token, other_sid) = guest_with_session(&http, &base).await;
+    let mut other = connect_customer(&server, &other_token).await;
+    other.send_message(&other_sid, "o-0", "hello").await;
+    other.next_of("ack").await;
+    other.until(|f| f["type"] == "reply_done").await;
+
     ws.send_message(&sid, "d-1", "a question before the restart")
         .await;
     let mut frames = Vec::new();
@@ -121,13 +160,39 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
     {
         frames.push(ws.next().await);
     }
+    let release = hold_write_lock(&db.url);
+    other
+        .send_message(&other_sid, "o-1", "stored during the drain")
+        .await;
 
     let status = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status()
         .expect("running kill");
     assert!(status.success());
+    server.wait_for_log("shutting down: interrupting");
+    // Nothing new is taken once the drain began, and the sender is told so.
+    other.send_message(&other_sid, "o-2", "too late").await;
+    let refused = other.next_of("error").await;
+    assert_eq!(refused["code"], "shutting_down", "{refused}");
+    assert_eq!(refused["client_id"], "o-2", "{refused}");
+    release.send(()).unwrap();
 
+    // The message pending at the signal is stored and acked before its socket closes.
+    let drained = other
+        .drain(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|d| panic!("the other socket was not closed: {:?}", d.frames));
+    let ack = drained
+        .frames
+        .iter()
+        .find(|f| f["type"] == "ack")
+        .unwrap_or_else(|| panic!("no ack for the pending message: {drained:?}"));
+    assert_eq!(ack["client_id"], "o-1", "{ack}");
+    assert_eq!(ack["seq"], 3, "{ack}");
+    assert_eq!(drained.close_code, Some(1012), "{drained:?}");
+
+    // The answer in flight is stored as interrupted, then the socket closes with a reason.
     let drained = ws
         .drain(Duration::from_secs(30))
         .await
@@ -166,7 +231,7 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
     };
     assert!(exit.success(), "the server exited with {exit}");
 
-    // A new connection is refused now: the port is closed.
+    // Nobody is listening any more.
     let url = format!(
         "ws://127.0.0.1:{}{CUSTOMER_PATH}?token={token}",
         server.port
@@ -175,16 +240,17 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
         .await
         .is_err());
 
-    let rows = tokio::task::spawn_blocking({
-        let url = db.url.clone();
-        move || message::page(&mut connect(&url), &sid, Order::Asc, None, 10).unwrap()
-    })
-    .await
-    .unwrap();
+    let url = db.url.clone();
+    let (rows, other_rows) =
+        tokio::task::spawn_blocking(move || (stored(&url, &sid), stored(&url, &other_sid)))
+            .await
+            .unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[0].content, "a question before the restart");
     assert_eq!(rows[1].role, "assistant");
     assert!(rows[1].interrupted, "{:?}", rows[1]);
     assert_eq!(rows[1].content, streamed, "stored what was streamed");
     assert!(!streamed.is_empty());
+    let ids: Vec<Option<&str>> = other_rows.iter().map(|m| m.client_id.as_deref()).collect();
+    assert_eq!(ids, [Some("o-0"), None, Some("o-1")], "{other_rows:?}");
 }
