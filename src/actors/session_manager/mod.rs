@@ -88,8 +88,21 @@ enum MemberState {
         /// that store is settled, so the replay and the held events agree on whether the
         /// answer is in the history.
         last_page: Option<Vec<ByteString>>,
+        read: Read,
     },
     Live,
+}
+
+/// Where a replay's reading of the history stands. One read at a time per member, however
+/// often the client resumes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// This replay's page is being read.
+    InFlight,
+    /// A read for an earlier replay is still out; this one's starts when it is back.
+    Queued,
+    /// The last page is read (and waits in `last_page`).
+    Done,
 }
 
 struct Member {
@@ -636,8 +649,18 @@ impl Handler<Join> for SessionManager {
         }
         let replay = self.next_replay;
         self.next_replay += 1;
-        // A second `resume` replaces the first: its held events and pages in flight are
-        // dropped, and this one reads the history again from its own `after_seq`.
+        // A second `resume` replaces the first: its held events and pages are dropped, and
+        // this one reads the history again from its own `after_seq` once the read in flight
+        // (if any) is back, so resuming over and over costs one read at a time.
+        let busy = conv.members.get(&conn_id).is_some_and(|m| {
+            matches!(
+                m.state,
+                MemberState::Replaying {
+                    read: Read::InFlight | Read::Queued,
+                    ..
+                }
+            )
+        });
         conv.members.insert(
             conn_id,
             Member {
@@ -645,6 +668,7 @@ impl Handler<Join> for SessionManager {
                     replay,
                     held,
                     last_page: None,
+                    read: if busy { Read::Queued } else { Read::InFlight },
                 },
                 delivered: after_seq,
             },
@@ -652,7 +676,9 @@ impl Handler<Join> for SessionManager {
         if newly_joined {
             self.announce_presence(&session_id);
         }
-        self.fetch_replay(conn_id, session_id, replay, after_seq, ctx);
+        if !busy {
+            self.fetch_replay(conn_id, session_id, replay, after_seq, ctx);
+        }
     }
 }
 
@@ -773,8 +799,19 @@ impl Handler<Replayed> for SessionManager {
         let Some(member) = conv.members.get_mut(&msg.conn_id) else {
             return;
         };
-        if !matches!(member.state, MemberState::Replaying { replay, .. } if replay == msg.replay) {
-            return; // stale: a newer resume replaced this one
+        match &mut member.state {
+            MemberState::Replaying { replay, .. } if *replay == msg.replay => {}
+            MemberState::Replaying { replay, read, .. } => {
+                // Stale: a newer resume replaced the one this page was read for. If that
+                // one's read waited for this one, it starts now.
+                if *read == Read::Queued {
+                    *read = Read::InFlight;
+                    let (replay, after) = (*replay, member.delivered);
+                    self.fetch_replay(msg.conn_id, msg.session_id, replay, after, ctx);
+                }
+                return;
+            }
+            MemberState::Live => return,
         }
         let Ok(ReplayPage { messages, last_seq }) = msg.page else {
             member.state = MemberState::Live;
@@ -810,8 +847,12 @@ impl Handler<Replayed> for SessionManager {
         if answer_storing {
             // Whether this page holds the answer being stored is unknown until its store
             // is settled; hold the page until then (`finish_waiting_replays`).
-            if let MemberState::Replaying { last_page, .. } = &mut member.state {
+            if let MemberState::Replaying {
+                last_page, read, ..
+            } = &mut member.state
+            {
                 *last_page = Some(batch);
+                *read = Read::Done;
             }
             return;
         }
