@@ -38,6 +38,8 @@ pub enum ApiError {
     SessionNotActive(String),
     #[error("{0} is unavailable")]
     Unavailable(&'static str),
+    #[error("too many requests; retry in {} s", .0.retry_after.as_secs().max(1))]
+    RateLimited(crate::ratelimit::Verdict),
     #[error("internal error; the cause is in the server log")]
     Internal,
 }
@@ -60,6 +62,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::SessionNotActive(_) => "session_not_active",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Internal => "internal",
         }
     }
@@ -96,6 +99,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::SessionNotActive(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +108,9 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::UNAUTHORIZED {
             res.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let ApiError::RateLimited(verdict) = self {
+            crate::ratelimit::http::too_many(verdict, &mut res);
         }
         res.json(ErrorBody {
             error: self.code(),

@@ -222,6 +222,7 @@ async fn post_message(
     path: web::Path<String>,
     body: web::Json<NewPost>,
 ) -> Result<HttpResponse, ApiError> {
+    crate::ratelimit::http::enforce(state.limits.messages.check(&caller.id))?;
     let found = visible_session(&state, &caller, path.into_inner()).await?;
     let NewPost {
         content,
@@ -264,7 +265,9 @@ async fn post_message(
         Err(AppendFailure::Rejected(Rejected::SessionNotFound)) => {
             Err(ApiError::NotFound("conversation"))
         }
-        Err(AppendFailure::Store) => Err(ApiError::Unavailable("the message store")),
+        Err(AppendFailure::Store | AppendFailure::ShuttingDown) => {
+            Err(ApiError::Unavailable("the message store"))
+        }
     }
 }
 

@@ -62,6 +62,8 @@ async fn upgrade(
         heartbeat_interval: realtime.heartbeat_interval.get(),
         client_timeout: realtime.client_timeout.get(),
         max_message_bytes: state.settings.chat.max_message_bytes,
+        max_pending_acks: realtime.max_pending_acks,
+        rates: state.limits.clone(),
     };
     log::info!(
         "{} {} connected over WebSocket",
