@@ -8,6 +8,11 @@
   const TYPING_EVERY_MS = 3000;
   const TYPING_IDLE_MS = 4000;
   const PEER_TYPING_SHOWN_MS = 6000;
+  const RESEND_AFTER_MS = 2000;
+  // Refusals that leave the message unstored but worth sending again (same client_id).
+  const RETRYABLE = new Set([
+    "rate_limited", "too_many_pending", "shutting_down", "store_failed", "unavailable",
+  ]);
 
   const saved = store("switchboard.widget");
   let auth = saved.load() || {};
@@ -40,6 +45,8 @@
     onState(state) {
       $("conn").dataset.state = state;
       $("conn").textContent = connStates[state] || state;
+      // A refusal or a restart notice is old news once the connection is back.
+      if (state === "connected" && $("notice").dataset.kind === "error") notice("");
       updateButtons();
     },
     onOpen() {
@@ -208,6 +215,17 @@
   }
 
   function onError(f) {
+    if (f.client_id && outbox.has(f.client_id) && RETRYABLE.has(f.code)) {
+      // Kept in the outbox: sent again shortly, or after the reconnect a restart brings.
+      const id = f.client_id;
+      setTimeout(() => {
+        if (outbox.has(id) && ready) {
+          conn.send({ type: "send", session_id: ready.sessionId, client_id: id, content: outbox.get(id) });
+        }
+      }, RESEND_AFTER_MS);
+      if (f.code === "rate_limited") notice("Sending too fast; your message goes out in a moment.");
+      return;
+    }
     if (f.client_id && outbox.has(f.client_id)) {
       outbox.delete(f.client_id);
       const node = document.querySelector('[data-client-id="' + CSS.escape(f.client_id) + '"]');

@@ -1,6 +1,15 @@
+mod auth;
+mod bad_input;
 mod browser;
+mod cli;
+mod health;
 mod helpers;
+mod memory;
+mod operator;
 mod pages;
+mod ratelimit;
 mod realtime;
+mod sessions;
+mod shutdown;
 mod webdriver;
 mod ws;
