@@ -9,10 +9,12 @@ use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
-use actix::Addr;
+use actix::{Actor, Addr};
 
+use crate::actors::account_watch::AccountWatch;
 use crate::actors::inference::InferencePool;
 use crate::actors::persistence::Db;
+use crate::actors::session_manager::desk::DeskSettings;
 use crate::actors::session_manager::SessionManager;
 use crate::auth::JwtKeys;
 use crate::config::Settings;
@@ -72,7 +74,19 @@ impl Application {
             settings.database.group_commit_max,
             settings.realtime.resume_max,
             settings.realtime.outbound_queue,
+            DeskSettings {
+                human_wait: settings.chat.human_wait.get(),
+                snapshot_max: settings.chat.desk_snapshot_max.max(1),
+                restore_window: chrono::Duration::from_std(settings.chat.restore_window.get())
+                    .unwrap_or_else(|_| chrono::Duration::days(7)),
+            },
         );
+        AccountWatch::new(
+            db.clone(),
+            manager.clone(),
+            settings.realtime.account_check_interval.get(),
+        )
+        .start();
         let state = web::Data::new(AppState {
             jwt: JwtKeys::new(&settings.auth)?,
             settings: Arc::new(settings.clone()),

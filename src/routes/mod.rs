@@ -5,6 +5,7 @@
 
 mod auth;
 mod health;
+mod search;
 mod sessions;
 mod users;
 mod ws;
@@ -35,9 +36,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .configure(users::routes)
             .configure(sessions::routes)
             .configure(sessions::admin_routes)
+            .configure(search::routes)
+            .configure(search::admin_routes)
             .configure(ws::routes),
     )
-    .service(web::scope("/api").configure(sessions::routes))
+    .service(
+        web::scope("/api")
+            .configure(sessions::routes)
+            .configure(search::routes),
+    )
     .default_service(web::to(not_found));
 }
 

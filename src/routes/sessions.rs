@@ -10,7 +10,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::{check_field, page_limit};
-use crate::actors::session_manager::messages::{AppendFailure, Origin, PostMessage};
+use crate::actors::session_manager::messages::{AppendFailure, Origin, PostMessage, StatusChanged};
 use crate::auth::{AuthUser, Staff};
 use crate::db::models::message::{self, Order, Rejected};
 use crate::db::models::session::{self, Cursor, StatusChange};
@@ -298,7 +298,13 @@ async fn change_status(
         .run(move |c| Ok(session::set_status(c, &id, status, window)?))
         .await?
     {
-        StatusChange::Done(s) => Ok(HttpResponse::Ok().json(s)),
+        StatusChange::Done(s) => {
+            state.manager.do_send(StatusChanged {
+                session_id: s.id.clone(),
+                status: s.status.clone(),
+            });
+            Ok(HttpResponse::Ok().json(s))
+        }
         StatusChange::NotFound => Err(ApiError::NotFound("conversation")),
         StatusChange::NotRestorable => Err(ApiError::Conflict(
             "only a conversation deleted within the restore window can be restored".into(),

@@ -10,6 +10,7 @@
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
 //! else waits for it.
 
+pub mod desk;
 pub mod messages;
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +42,8 @@ enum MemberState {
     /// Waiting for the replay of stored messages; live events are held here meanwhile.
     Replaying {
         held: Vec<Event>,
+        /// Joined by `watch`: the replay ends with `watching` instead of `resumed`.
+        watch: bool,
     },
     Live,
 }
@@ -89,6 +92,7 @@ pub struct SessionManager {
     held_max: usize,
     connections: HashMap<ConnId, Connection>,
     conversations: HashMap<String, Conversation>,
+    desk: desk::Desk,
 }
 
 impl SessionManager {
@@ -99,15 +103,21 @@ impl SessionManager {
         batch_max: usize,
         resume_max: i64,
         held_max: usize,
+        desk_settings: desk::DeskSettings,
     ) -> Addr<SessionManager> {
-        SessionManager::create(move |ctx| SessionManager {
-            committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
-            db,
-            inference,
-            resume_max: resume_max.max(1),
-            held_max: held_max.max(1),
-            connections: HashMap::new(),
-            conversations: HashMap::new(),
+        SessionManager::create(move |ctx| {
+            let mut manager = SessionManager {
+                committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
+                db,
+                inference,
+                resume_max: resume_max.max(1),
+                held_max: held_max.max(1),
+                connections: HashMap::new(),
+                conversations: HashMap::new(),
+                desk: desk::Desk::new(desk_settings),
+            };
+            desk::start(&mut manager, ctx);
+            manager
         })
     }
 
@@ -143,6 +153,7 @@ impl SessionManager {
         let Some(conn) = self.connections.remove(&conn_id) else {
             return;
         };
+        self.desk_forget(conn_id);
         for session_id in conn.sessions {
             if let Some(conv) = self.conversations.get_mut(&session_id) {
                 conv.members.remove(&conn_id);
@@ -175,10 +186,10 @@ impl SessionManager {
         let mut overflowing = Vec::new();
         for (conn_id, member) in conv.members.iter_mut() {
             match &mut member.state {
-                MemberState::Replaying { held } if held.len() >= self.held_max => {
+                MemberState::Replaying { held, .. } if held.len() >= self.held_max => {
                     overflowing.push(*conn_id)
                 }
-                MemberState::Replaying { held } => held.push(event.clone()),
+                MemberState::Replaying { held, .. } => held.push(event.clone()),
                 MemberState::Live => {
                     if event.is_message {
                         let s = seq.unwrap_or(0);
@@ -218,6 +229,7 @@ impl SessionManager {
             .collect();
         members.sort();
         members.dedup();
+        self.desk.touch(session_id);
         let frame = ServerFrame::Presence {
             session_id: session_id.to_string(),
             members,
@@ -235,6 +247,13 @@ impl SessionManager {
 
     /// Asks the pool for an AI answer in a conversation, unless one is already in flight.
     fn start_reply(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        if self.desk.ai_silent(session_id) {
+            // Taken over or waiting for a human: the AI stays silent.
+            if let Some(conv) = self.conversations.get_mut(session_id) {
+                conv.turn_pending = false;
+            }
+            return;
+        }
         let conv = self
             .conversations
             .entry(session_id.to_string())
@@ -355,6 +374,7 @@ impl SessionManager {
             return;
         }
         let m = &appended.message;
+        self.desk.touch(&m.session_id);
         self.broadcast(
             &m.session_id,
             &ServerFrame::Message(Self::message_view(m)),
@@ -377,6 +397,7 @@ impl SessionManager {
                 conv.reply = None;
             }
         }
+        self.desk.touch(&session_id);
         match outcome {
             Ok(appended) => {
                 let m = &appended.message;
@@ -440,11 +461,21 @@ impl Handler<Join> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
-        let Join {
-            conn_id,
-            session_id,
-            after_seq,
-        } = msg;
+        self.join(msg.conn_id, msg.session_id, msg.after_seq, false, ctx);
+    }
+}
+
+impl SessionManager {
+    /// Subscribes a connection; with `after_seq`, replays first (ending with `watching`
+    /// when `watch`, else `resumed`).
+    fn join(
+        &mut self,
+        conn_id: ConnId,
+        session_id: String,
+        after_seq: Option<i64>,
+        watch: bool,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(conn) = self.connections.get_mut(&conn_id) else {
             return;
         };
@@ -481,7 +512,7 @@ impl Handler<Join> for SessionManager {
         conv.members.insert(
             conn_id,
             Member {
-                state: MemberState::Replaying { held },
+                state: MemberState::Replaying { held, watch },
                 delivered: after_seq,
             },
         );
@@ -561,18 +592,24 @@ impl Handler<Replayed> for SessionManager {
             self.fetch_replay(msg.conn_id, msg.session_id, after, ctx);
             return;
         }
-        let MemberState::Replaying { held } =
+        let MemberState::Replaying { held, watch } =
             std::mem::replace(&mut member.state, MemberState::Live)
         else {
             return;
         };
-        batch.push(ByteString::from(
-            ServerFrame::Resumed {
-                session_id: msg.session_id.clone(),
-                last_seq: member.delivered,
+        let (session_id, last_seq) = (msg.session_id.clone(), member.delivered);
+        let done = if watch {
+            ServerFrame::Watching {
+                session_id,
+                last_seq,
             }
-            .to_text(),
-        ));
+        } else {
+            ServerFrame::Resumed {
+                session_id,
+                last_seq,
+            }
+        };
+        batch.push(ByteString::from(done.to_text()));
         for event in held {
             if event.is_message {
                 // Held while replaying: skip what the replay already gave.
@@ -592,15 +629,21 @@ impl Handler<Leave> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
-        if let Some(conn) = self.connections.get_mut(&msg.conn_id) {
-            conn.sessions.remove(&msg.session_id);
+        self.leave(msg.conn_id, &msg.session_id);
+    }
+}
+
+impl SessionManager {
+    fn leave(&mut self, conn_id: ConnId, session_id: &str) {
+        if let Some(conn) = self.connections.get_mut(&conn_id) {
+            conn.sessions.remove(session_id);
         }
-        if let Some(conv) = self.conversations.get_mut(&msg.session_id) {
-            if conv.members.remove(&msg.conn_id).is_some() {
-                self.announce_presence(&msg.session_id);
+        if let Some(conv) = self.conversations.get_mut(session_id) {
+            if conv.members.remove(&conn_id).is_some() {
+                self.announce_presence(session_id);
             }
         }
-        self.tidy(&msg.session_id);
+        self.tidy(session_id);
     }
 }
 
