@@ -1,3 +1,5 @@
+mod desk;
 mod helpers;
 mod realtime;
+mod search;
 mod ws;

@@ -5,4 +5,7 @@ CREATE INDEX idx_chat_sessions_human_requested ON chat_sessions (human_requested
     WHERE human_requested_at IS NOT NULL;
 
 -- Full-text search over messages: an expression index that search queries repeat exactly.
-CREATE INDEX idx_chat_messages_fts ON chat_messages USING GIN (to_tsvector('english', content));
+-- `<` and `>` are read as spaces: the default parser would otherwise take `<b>word</b>` for
+-- markup and leave its words out, and messages are text, never HTML.
+CREATE INDEX idx_chat_messages_fts ON chat_messages
+    USING GIN (to_tsvector('english', translate(content, '<>', '  ')));

@@ -48,6 +48,8 @@ pub struct Desk {
     staff: HashMap<ConnId, AgentView>,
     held: HashMap<String, Hold>,
     timers: HashMap<String, SpawnHandle>,
+    /// Waiting for a human, a customer wrote and the AI kept silent: answer when the wait ends.
+    missed: HashSet<String>,
     /// Conversations changed since the last flush.
     dirty: HashSet<String>,
     queue_dirty: bool,
@@ -60,14 +62,23 @@ impl Desk {
             staff: HashMap::new(),
             held: HashMap::new(),
             timers: HashMap::new(),
+            missed: HashSet::new(),
             dirty: HashSet::new(),
             queue_dirty: false,
         }
     }
 
-    /// True when the AI must stay silent in the conversation.
-    pub fn ai_silent(&self, session_id: &str) -> bool {
-        self.held.contains_key(session_id)
+    /// True when the AI must stay silent in the conversation. A turn skipped while the
+    /// customer waits for a human is remembered, to be answered if nobody comes.
+    pub fn ai_silent(&mut self, session_id: &str) -> bool {
+        match self.held.get(session_id) {
+            None => false,
+            Some(Hold::Human) => true,
+            Some(Hold::Queued(_)) => {
+                self.missed.insert(session_id.to_string());
+                true
+            }
+        }
     }
 
     /// Marks a conversation as changed, for the next flush to the dashboards.
@@ -279,6 +290,7 @@ impl SessionManager {
 
     fn unhold(&mut self, session_id: &str, ctx: &mut Context<Self>) {
         self.desk.held.remove(session_id);
+        self.desk.missed.remove(session_id);
         if let Some(timer) = self.desk.timers.remove(session_id) {
             ctx.cancel_future(timer);
         }
@@ -313,11 +325,13 @@ impl SessionManager {
                     return;
                 }
             };
-            if act.desk.held.get(&session_id) == Some(&Hold::Queued(since)) {
-                act.desk.held.remove(&session_id);
-            }
-            if !over {
+            if act.desk.held.get(&session_id) != Some(&Hold::Queued(since)) {
                 return; // taken over, closed or asked again meanwhile
+            }
+            act.desk.held.remove(&session_id);
+            let missed = act.desk.missed.remove(&session_id);
+            if !over {
+                return; // the stored request changed elsewhere; it holds no longer here
             }
             let frame = ServerFrame::HumanUnavailable {
                 session_id: session_id.clone(),
@@ -325,7 +339,7 @@ impl SessionManager {
             act.broadcast(&session_id, &frame, None);
             act.desk.touch(&session_id);
             act.desk.queue_dirty = true;
-            if unanswered {
+            if unanswered || missed {
                 act.start_reply(&session_id, ctx);
             }
         }));

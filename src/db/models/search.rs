@@ -19,6 +19,10 @@ use crate::db::DbConnection;
 /// characters, so that no ordinary text is mistaken for them.
 const MARK_START: char = '\u{E000}';
 const MARK_END: char = '\u{E001}';
+/// PostgreSQL: `<` and `>` stand in for these in the text given to `ts_headline`, so that its
+/// parser does not take message text for HTML tags (and drop it).
+const LT: char = '\u{E002}';
+const GT: char = '\u{E003}';
 /// Most words of a query that are searched; the rest are ignored.
 const MAX_TERMS: usize = 32;
 
@@ -80,15 +84,18 @@ LIMIT ?5";
 
 const POSTGRES_SEARCH: &str = "
 SELECT r.id, r.session_id, r.seq, r.role,
-       ts_headline('english', m.content, plainto_tsquery('english', $1), $6) AS snippet,
+       ts_headline('english', translate(m.content, '<>', $7), plainto_tsquery('english', $1), $6)
+           AS snippet,
        r.rank, r.created_at, r.title
 FROM (
     SELECT * FROM (
         SELECT m.id, m.session_id, m.seq, m.role, m.created_at, s.title,
-               ts_rank(to_tsvector('english', m.content), plainto_tsquery('english', $1))::float8 AS rank
+               ts_rank(to_tsvector('english', translate(m.content, '<>', '  ')),
+                       plainto_tsquery('english', $1))::float8 AS rank
         FROM chat_messages m
         JOIN chat_sessions s ON s.id = m.session_id
-        WHERE to_tsvector('english', m.content) @@ plainto_tsquery('english', $1)
+        WHERE to_tsvector('english', translate(m.content, '<>', '  '))
+              @@ plainto_tsquery('english', $1)
           AND ($2::text IS NULL OR (s.user_id = $2 AND s.status <> 'deleted'))
     ) AS hits
     WHERE $3::float8 IS NULL OR hits.rank < $3 OR (hits.rank = $3 AND hits.id < $4)
@@ -131,10 +138,8 @@ pub fn search(
                 .load(c)?
         }
         DbConnection::Pg(c) => {
-            let options = format!(
-                "StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=24, MinWords=8, \
-                 MaxFragments=2, FragmentDelimiter=\" … \""
-            );
+            let options =
+                format!("StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=35, MinWords=15");
             diesel::sql_query(POSTGRES_SEARCH)
                 .bind::<Text, _>(text)
                 .bind::<Nullable<Text>, _>(owner)
@@ -142,6 +147,7 @@ pub fn search(
                 .bind::<BigInt, _>(id)
                 .bind::<BigInt, _>(limit)
                 .bind::<Text, _>(options)
+                .bind::<Text, _>(format!("{LT}{GT}"))
                 .load(c)?
         }
     };
@@ -180,8 +186,8 @@ fn marked_html(snippet: &str) -> String {
             MARK_START => out.push_str("<mark>"),
             MARK_END => out.push_str("</mark>"),
             '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
+            '<' | LT => out.push_str("&lt;"),
+            '>' | GT => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
             c => out.push(c),
