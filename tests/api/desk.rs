@@ -579,3 +579,49 @@ async fn desk_frames_with_bad_fields_are_refused() {
     // Still usable.
     ws.ping("after").await;
 }
+
+#[tokio::test]
+async fn typing_and_presence_reach_both_sides() {
+    let app = spawn_app().await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    cust.resume(&sid, 0).await;
+    cust.next_of("resumed").await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+    ask(&mut desk_ws, "watch", &sid).await;
+    desk_ws
+        .until(|f| f["type"] == "watching" && f["session_id"] == sid)
+        .await;
+
+    // The customer sees the agent join the conversation.
+    cust.until(|f| {
+        f["type"] == "presence"
+            && f["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["role"] == "agent" && m["user_id"] == agent.user_id.as_str())
+    })
+    .await;
+
+    cust.send(&json!({"type": "typing", "session_id": sid, "active": true}))
+        .await;
+    let typing = desk_ws
+        .until(|f| f["type"] == "typing" && f["session_id"] == sid)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(typing["user_id"], guest.user_id.as_str());
+    assert_eq!(typing["role"], "customer");
+    assert_eq!(typing["active"], true);
+
+    desk_ws
+        .send(&json!({"type": "typing", "session_id": sid, "active": false}))
+        .await;
+    let typing = cust.next_of("typing").await;
+    assert_eq!(typing["user_id"], agent.user_id.as_str());
+    assert_eq!(typing["role"], "agent");
+    assert_eq!(typing["active"], false);
+}

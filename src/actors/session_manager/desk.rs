@@ -423,6 +423,21 @@ impl SessionManager {
         }));
     }
 
+    /// Puts a conversation in the human queue on the server's own initiative (for one that no
+    /// AI provider can answer): its members get `human_requested` as if the customer had asked,
+    /// and the dashboards see it queued.
+    pub fn offer_to_human(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        let db = self.db.clone();
+        let sid = session_id.to_string();
+        let work = async move { db.run(move |c| Ok(desk::request_human(c, &sid)?)).await };
+        let sid = session_id.to_string();
+        ctx.spawn(work.into_actor(self).map(move |done, act, ctx| match done {
+            Ok(Ok(s)) => act.queued(&s, ctx),
+            Ok(Err(refused)) => log::info!("{sid} was not queued for a human: {refused:?}"),
+            Err(e) => log::error!("queueing {sid} for a human failed: {e}"),
+        }));
+    }
+
     /// Puts a conversation in the human queue (or tells its members it is already with an
     /// agent). Also the way in for conversations no AI can answer.
     fn queued(&mut self, s: &ChatSession, ctx: &mut Context<Self>) {
