@@ -17,6 +17,9 @@ use crate::actors::session_manager::messages::{ConnectedAccounts, Kick, KickConn
 use crate::actors::session_manager::SessionManager;
 use crate::db::models::{desk, Role};
 
+/// Accounts read per query.
+const ACCOUNTS_PER_QUERY: usize = 500;
+
 pub struct AccountWatch {
     db: Db,
     manager: Addr<SessionManager>,
@@ -49,7 +52,15 @@ impl AccountWatch {
             let mut ids: Vec<String> = connected.iter().map(|(_, u, _)| u.clone()).collect();
             ids.sort_unstable();
             ids.dedup();
-            let accounts = match db.run(move |c| Ok(desk::accounts(c, &ids)?)).await {
+            let read = db.run(move |c| {
+                let mut accounts = std::collections::HashMap::new();
+                // Bounded lists: a query has a limit on bound parameters.
+                for chunk in ids.chunks(ACCOUNTS_PER_QUERY) {
+                    accounts.extend(desk::accounts(c, chunk)?);
+                }
+                Ok(accounts)
+            });
+            let accounts = match read.await {
                 Ok(accounts) => accounts,
                 Err(e) => {
                     log::warn!("checking the accounts of live sockets failed: {e}");

@@ -225,12 +225,13 @@ impl SessionManager {
         }
         let ids: Vec<String> = self.desk.dirty.drain().collect();
         let with_queue = std::mem::take(&mut self.desk.queue_dirty);
+        let max = self.desk.settings.snapshot_max;
         let db = self.db.clone();
         let read = async move {
             db.run(move |c| {
                 let changed = desk::summaries(c, &ids)?;
                 let queue = if with_queue {
-                    let queued = desk::queue_ids(c)?;
+                    let queued = desk::queue_ids(c, max)?;
                     Some(desk::summaries(c, &queued)?)
                 } else {
                     None
@@ -550,7 +551,7 @@ impl Handler<JoinDesk> for SessionManager {
         let read = async move {
             db.run(move |c| {
                 let active = desk::active_ids(c, max)?;
-                let queued = desk::queue_ids(c)?;
+                let queued = desk::queue_ids(c, max)?;
                 Ok((desk::summaries(c, &active)?, desk::summaries(c, &queued)?))
             })
             .await

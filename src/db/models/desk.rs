@@ -120,8 +120,8 @@ pub fn active_ids(conn: &mut DbConnection, limit: i64) -> QueryResult<Vec<String
         .load(conn)
 }
 
-/// Ids of the conversations waiting for a human, oldest request first.
-pub fn queue_ids(conn: &mut DbConnection) -> QueryResult<Vec<String>> {
+/// Ids of the conversations waiting for a human, oldest request first, at most `limit`.
+pub fn queue_ids(conn: &mut DbConnection, limit: i64) -> QueryResult<Vec<String>> {
     chat_sessions::table
         .filter(chat_sessions::human_requested_at.is_not_null())
         .filter(chat_sessions::status.eq(ACTIVE))
@@ -130,6 +130,7 @@ pub fn queue_ids(conn: &mut DbConnection) -> QueryResult<Vec<String>> {
             chat_sessions::id.asc(),
         ))
         .select(chat_sessions::id)
+        .limit(limit)
         .load(conn)
 }
 
