@@ -10,7 +10,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::{check_field, page_limit};
-use crate::actors::session_manager::messages::{AppendFailure, Origin, PostMessage, StatusChanged};
+use crate::actors::session_manager::messages::{
+    AppendFailure, ConversationChanged, Origin, PostMessage, StatusChanged,
+};
 use crate::auth::{AuthUser, Staff};
 use crate::db::models::message::{self, Order, Rejected};
 use crate::db::models::session::{self, Cursor, StatusChange};
@@ -96,6 +98,9 @@ async fn create(
         .db
         .run(move |c| Ok(session::create(c, &id, &caller.id, title.trim())?))
         .await?;
+    state.manager.do_send(ConversationChanged {
+        session_id: created.id.clone(),
+    });
     Ok(super::created(&created))
 }
 

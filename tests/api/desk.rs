@@ -125,6 +125,13 @@ async fn a_dashboard_gets_a_snapshot_then_every_change_live() {
         "a preview: {s}"
     );
 
+    // A new conversation appears as it is opened.
+    let (newcomer, new_sid) = customer(&app).await;
+    let s = update_where(&mut desk_ws, &new_sid, |_| true).await;
+    assert_eq!(s["customer"]["user_id"], newcomer.user_id.as_str(), "{s}");
+    assert_eq!(s["last_seq"], 0, "{s}");
+    assert_eq!(s["last_message"], Value::Null, "{s}");
+
     // A second agent comes online, then the customer goes offline.
     let other = app.user("other@example.com", Role::Admin).await;
     let other_ws = WsClient::staff(&app, &other.access_token).await;

@@ -24,6 +24,8 @@ use crate::protocol::{AgentView, CustomerView, LastMessageView, ServerFrame, Ses
 
 /// How often changed conversations are sent to the dashboards.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// When ending a wait for a human could not be stored, the next try comes this much later.
+const RETRY_WAIT_OVER: Duration = Duration::from_secs(5);
 
 /// Why the AI must not answer in a conversation now.
 #[derive(Debug, Clone, PartialEq)]
@@ -322,7 +324,16 @@ impl SessionManager {
             let (over, unanswered) = match done {
                 Ok(done) => done,
                 Err(e) => {
-                    log::error!("ending the wait for a human in {session_id} failed: {e}");
+                    log::error!(
+                        "ending the wait for a human in {session_id} failed: {e}; trying again"
+                    );
+                    if act.desk.held.get(&session_id) == Some(&Hold::Queued(since)) {
+                        let sid = session_id.clone();
+                        let timer = ctx.run_later(RETRY_WAIT_OVER, move |act, ctx| {
+                            act.human_wait_over(sid, since, ctx)
+                        });
+                        act.desk.timers.insert(session_id, timer);
+                    }
                     return;
                 }
             };
@@ -601,6 +612,14 @@ impl Handler<StatusChanged> for SessionManager {
 
     fn handle(&mut self, msg: StatusChanged, ctx: &mut Context<Self>) {
         self.status_changed(&msg.session_id, &msg.status, ctx);
+    }
+}
+
+impl Handler<ConversationChanged> for SessionManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConversationChanged, _: &mut Context<Self>) {
+        self.desk.touch(&msg.session_id);
     }
 }
 

@@ -200,6 +200,13 @@ pub struct StatusChanged {
     pub status: String,
 }
 
+/// A conversation was created or changed over HTTP: the dashboards get its new summary.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConversationChanged {
+    pub session_id: String,
+}
+
 /// The accounts behind the live connections of this node.
 #[derive(Message)]
 #[rtype(result = "Vec<(ConnId, String, Role)>")]
