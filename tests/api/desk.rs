@@ -83,7 +83,11 @@ async fn a_dashboard_gets_a_snapshot_then_every_change_live() {
 
     let agent = app.user("agent@example.com", Role::Agent).await;
     let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
-    let snapshot = desk_ws.next_of("snapshot").await;
+    let snapshot = desk_ws.next().await;
+    assert_eq!(
+        snapshot["type"], "snapshot",
+        "right after hello: {snapshot}"
+    );
     let sessions = snapshot["sessions"].as_array().expect("sessions");
     let summary = sessions
         .iter()

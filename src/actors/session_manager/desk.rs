@@ -48,6 +48,9 @@ pub struct Desk {
     settings: DeskSettings,
     /// Dashboard sockets and who is behind each.
     staff: HashMap<ConnId, AgentView>,
+    /// Dashboards whose snapshot is being read: the snapshot is their first desk frame, so
+    /// updates skip them until it is sent.
+    awaiting_snapshot: HashSet<ConnId>,
     held: HashMap<String, Hold>,
     timers: HashMap<String, SpawnHandle>,
     /// Waiting for a human, a customer wrote and the AI kept silent: answer when the wait ends.
@@ -62,6 +65,7 @@ impl Desk {
         Desk {
             settings,
             staff: HashMap::new(),
+            awaiting_snapshot: HashSet::new(),
             held: HashMap::new(),
             timers: HashMap::new(),
             missed: HashSet::new(),
@@ -123,6 +127,7 @@ pub fn start(manager: &mut SessionManager, ctx: &mut Context<SessionManager>) {
 impl SessionManager {
     /// A socket closed: if it was a dashboard, the others learn who is still online.
     pub(super) fn desk_forget(&mut self, conn_id: ConnId) {
+        self.desk.awaiting_snapshot.remove(&conn_id);
         if self.desk.staff.remove(&conn_id).is_some() {
             self.send_agents_online();
         }
@@ -137,7 +142,13 @@ impl SessionManager {
 
     fn tell_staff(&mut self, frame: &ServerFrame) {
         let text = bytestring::ByteString::from(frame.to_text());
-        let conns: Vec<ConnId> = self.desk.staff.keys().copied().collect();
+        let conns: Vec<ConnId> = self
+            .desk
+            .staff
+            .keys()
+            .copied()
+            .filter(|id| !self.desk.awaiting_snapshot.contains(id))
+            .collect();
         for conn_id in conns {
             self.push(conn_id, Out::Frame(text.clone()));
         }
@@ -556,6 +567,8 @@ impl Handler<JoinDesk> for SessionManager {
             return;
         }
         self.desk.staff.insert(msg.conn_id, msg.agent);
+        // The newcomer learns who is online from its snapshot.
+        self.desk.awaiting_snapshot.insert(msg.conn_id);
         self.send_agents_online();
         let db = self.db.clone();
         let max = self.desk.settings.snapshot_max;
@@ -568,14 +581,29 @@ impl Handler<JoinDesk> for SessionManager {
             .await
         };
         let conn_id = msg.conn_id;
-        ctx.spawn(read.into_actor(self).map(move |read, act, _| match read {
+        ctx.spawn(read.into_actor(self).map(move |read, act, _| {
+            if !act.desk.awaiting_snapshot.remove(&conn_id) {
+                return; // the socket closed meanwhile
+            }
+            act.send_snapshot(conn_id, read)
+        }));
+    }
+}
+
+impl SessionManager {
+    fn send_snapshot(
+        &mut self,
+        conn_id: ConnId,
+        read: Result<(Vec<Summary>, Vec<Summary>), DbError>,
+    ) {
+        match read {
             Ok((sessions, queue)) => {
                 let frame = ServerFrame::Snapshot {
-                    sessions: sessions.into_iter().map(|s| act.summary_view(s)).collect(),
-                    queue: queue.into_iter().map(|s| act.summary_view(s)).collect(),
-                    agents_online: act.desk.agents_online(),
+                    sessions: sessions.into_iter().map(|s| self.summary_view(s)).collect(),
+                    queue: queue.into_iter().map(|s| self.summary_view(s)).collect(),
+                    agents_online: self.desk.agents_online(),
                 };
-                act.send_frame(conn_id, &frame);
+                self.send_frame(conn_id, &frame);
             }
             Err(e) => {
                 log::error!("reading the desk snapshot failed: {e}");
@@ -583,9 +611,9 @@ impl Handler<JoinDesk> for SessionManager {
                     "unavailable",
                     "the conversation list could not be read; reconnect to try again",
                 );
-                act.send_frame(conn_id, &frame);
+                self.send_frame(conn_id, &frame);
             }
-        }));
+        }
     }
 }
 
