@@ -5,6 +5,7 @@
 //! answer in flight per conversation. WsSession actors and HTTP handlers talk to it; it hands
 //! writes to the Committer, answers to the InferencePool, and history reads to the persistence
 //! actor. It does not authenticate, rate-limit or call providers: those live elsewhere.
+//! The agent desk (dashboards, takeover, the human queue) keeps its state in `desk.rs`.
 //!
 //! Every event is serialised once and the same bytes are queued for every recipient. A
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
