@@ -68,6 +68,10 @@ impl Application {
             db.clone(),
             settings.ai.history_messages,
         );
+        let held_at_start = db
+            .run(|c| Ok(db::models::desk::held(c)?))
+            .await
+            .context("reading the conversations taken over or waiting for a human")?;
         let manager = SessionManager::start(
             db.clone(),
             inference,
@@ -79,6 +83,7 @@ impl Application {
                 snapshot_max: settings.chat.desk_snapshot_max.max(1),
                 restore_window: chrono::Duration::from_std(settings.chat.restore_window.get())
                     .unwrap_or_else(|_| chrono::Duration::days(7)),
+                held_at_start,
             },
         );
         AccountWatch::new(

@@ -636,3 +636,58 @@ async fn typing_and_presence_reach_both_sides() {
     assert_eq!(typing["role"], "agent");
     assert_eq!(typing["active"], false);
 }
+
+/// Two servers on one database, as two nodes behind a load balancer.
+async fn second_node(app: &TestApp) -> TestApp {
+    let url = app.db_url.clone();
+    spawn_app_with(move |s| {
+        s.database.url = switchboard::config::Secret::new(url);
+        s.ai.demo_token_delay = millis(0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn takeover_is_decided_by_the_database_across_nodes_and_survives_a_new_node() {
+    let node_a = spawn_app_with(|s| s.ai.demo_token_delay = millis(0)).await;
+    let node_b = second_node(&node_a).await;
+    let ann = node_a.user("ann@example.com", Role::Agent).await;
+    let bob = node_a.user("bob@example.com", Role::Admin).await;
+    let mut ann_ws = WsClient::staff(&node_a, &ann.access_token).await;
+    let mut bob_ws = WsClient::staff(&node_b, &bob.access_token).await;
+    let mut last = None;
+    for round in 0..3 {
+        let (guest, sid) = customer(&node_a).await;
+        let takeover = json!({"type": "takeover", "session_id": sid});
+        tokio::join!(ann_ws.send(&takeover), bob_ws.send(&takeover));
+        let outcome = |f: &Value| {
+            f["session_id"] == sid.as_str() && (f["type"] == "mode" || f["type"] == "error")
+        };
+        let (a, b) = tokio::join!(ann_ws.until(outcome), bob_ws.until(outcome));
+        let (a, b) = (a.last().unwrap().clone(), b.last().unwrap().clone());
+        let wins = [&a, &b].iter().filter(|f| f["type"] == "mode").count();
+        assert_eq!(wins, 1, "round {round}: {a} / {b}");
+        let loser = if a["type"] == "mode" { &b } else { &a };
+        assert_eq!(loser["code"], "already_assigned", "round {round}: {loser}");
+        last = Some((guest, sid));
+    }
+
+    // A node started later knows the conversation is with an agent: its AI keeps silent.
+    let (guest, sid) = last.expect("three rounds ran");
+    let node_c = second_node(&node_a).await;
+    let mut cust = WsClient::customer(&node_c, &guest.access_token).await;
+    cust.send_message(&sid, "c-1", "hello from node c").await;
+    cust.until(|f| f["type"] == "ack").await;
+    let mut admin_c = WsClient::staff(&node_c, &bob.access_token).await;
+    ask(&mut admin_c, "release", &sid).await;
+    cust.next_of("mode").await;
+    cust.send_message(&sid, "c-2", "and now?").await;
+    let done = cust.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(done.last().unwrap()["seq"], 3, "{done:?}");
+    let roles: Vec<String> = history(&node_c, &guest.access_token, &sid)
+        .await
+        .iter()
+        .map(|m| m["role"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(roles, ["user", "user", "assistant"]);
+}

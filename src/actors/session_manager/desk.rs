@@ -36,12 +36,15 @@ enum Hold {
     Queued(NaiveDateTime),
 }
 
-/// Settings the desk works with.
+/// What the desk starts with.
 #[derive(Clone)]
 pub struct DeskSettings {
     pub human_wait: Duration,
     pub snapshot_max: i64,
     pub restore_window: chrono::Duration,
+    /// Conversations taken over or waiting for a human when the node starts (read before it
+    /// accepts connections, so that its AI never answers in them).
+    pub held_at_start: Vec<ChatSession>,
 }
 
 pub struct Desk {
@@ -102,26 +105,16 @@ impl Desk {
     }
 }
 
-/// Starts the desk's timers and loads the conversations the AI must leave alone.
+/// Starts the desk's timers and holds the AI back in the conversations read at start.
 pub fn start(manager: &mut SessionManager, ctx: &mut Context<SessionManager>) {
     ctx.run_interval(FLUSH_EVERY, |act, ctx| act.desk_flush(ctx));
-    let db = manager.db.clone();
-    let load = async move { db.run(|c| Ok(desk::held(c)?)).await };
-    ctx.spawn(load.into_actor(manager).map(|held, act, ctx| match held {
-        Ok(held) => {
-            for s in held {
-                if s.mode == MODE_HUMAN {
-                    act.desk.held.insert(s.id, Hold::Human);
-                } else if let Some(since) = s.human_requested_at {
-                    act.hold_queued(&s.id, since, ctx);
-                }
-            }
+    for s in std::mem::take(&mut manager.desk.settings.held_at_start) {
+        if s.mode == MODE_HUMAN {
+            manager.desk.held.insert(s.id, Hold::Human);
+        } else if let Some(since) = s.human_requested_at {
+            manager.hold_queued(&s.id, since, ctx);
         }
-        Err(e) => log::error!(
-            "reading the conversations taken over or waiting for a human failed: {e}; \
-             the AI may answer in them until they change"
-        ),
-    }));
+    }
 }
 
 impl SessionManager {
