@@ -18,6 +18,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("send the body as JSON with Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("{0}")]
     Unauthorized(&'static str),
     #[error("the token has expired; refresh it or sign in again")]
@@ -36,6 +38,8 @@ pub enum ApiError {
     SessionNotActive(String),
     #[error("{0} is unavailable")]
     Unavailable(&'static str),
+    #[error("too many requests; retry in {} s", .0.retry_after.as_secs().max(1))]
+    RateLimited(crate::ratelimit::Verdict),
     #[error("internal error; the cause is in the server log")]
     Internal,
 }
@@ -48,6 +52,7 @@ impl ApiError {
             ApiError::InvalidInput(e) => e.code(),
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::TokenExpired => "token_expired",
             ApiError::AccountDisabled => "account_disabled",
@@ -57,6 +62,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::SessionNotActive(_) => "session_not_active",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Internal => "internal",
         }
     }
@@ -84,6 +90,7 @@ impl ResponseError for ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized(_)
             | ApiError::TokenExpired
             | ApiError::AccountDisabled
@@ -92,6 +99,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::SessionNotActive(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,6 +108,9 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::UNAUTHORIZED {
             res.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let ApiError::RateLimited(verdict) = self {
+            crate::ratelimit::http::too_many(verdict, &mut res);
         }
         res.json(ErrorBody {
             error: self.code(),

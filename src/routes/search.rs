@@ -16,11 +16,11 @@ use crate::startup::AppState;
 const MAX_QUERY_BYTES: usize = 500;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/chat/search", web::get().to(own));
+    cfg.service(web::resource("/chat/search").get(own));
 }
 
 pub fn admin_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/chat/search", web::get().to(all));
+    cfg.service(web::resource("/admin/chat/search").get(all));
 }
 
 #[derive(Deserialize)]

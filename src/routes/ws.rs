@@ -14,8 +14,8 @@ use crate::protocol::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX};
 use crate::startup::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/chat/ws", web::get().to(customer))
-        .route("/admin/chat/ws", web::get().to(staff));
+    cfg.service(web::resource("/chat/ws").get(customer))
+        .service(web::resource("/admin/chat/ws").get(staff));
 }
 
 async fn customer(
@@ -63,6 +63,8 @@ async fn upgrade(
         client_timeout: realtime.client_timeout.get(),
         max_message_bytes: state.settings.chat.max_message_bytes,
         outbound_queue: realtime.outbound_queue,
+        max_pending_acks: realtime.max_pending_acks,
+        rates: state.limits.clone(),
     };
     log::info!(
         "{} {} connected over WebSocket",

@@ -1,5 +1,14 @@
+mod auth;
+mod bad_input;
+mod cli;
 mod desk;
+mod health;
 mod helpers;
+mod memory;
+mod operator;
+mod ratelimit;
 mod realtime;
 mod search;
+mod sessions;
+mod shutdown;
 mod ws;

@@ -118,6 +118,22 @@ pub fn start(manager: &mut SessionManager, ctx: &mut Context<SessionManager>) {
 }
 
 impl SessionManager {
+    /// Shutting down: the human queue's timers stop (the waits are stored, and the node that
+    /// starts next picks them up with the time they have left).
+    pub(super) fn desk_drain(&mut self, ctx: &mut Context<Self>) {
+        for (_, timer) in self.desk.timers.drain() {
+            ctx.cancel_future(timer);
+        }
+    }
+
+    /// Every socket was closed: no dashboard is left to tell anything.
+    pub(super) fn desk_closed(&mut self) {
+        self.desk.staff.clear();
+        self.desk.awaiting_snapshot.clear();
+        self.desk.dirty.clear();
+        self.desk.queue_dirty = false;
+    }
+
     /// A socket closed: if it was a dashboard, the others learn who is still online.
     pub(super) fn desk_forget(&mut self, conn_id: ConnId) {
         self.desk.awaiting_snapshot.remove(&conn_id);
@@ -284,6 +300,9 @@ impl SessionManager {
         self.desk
             .held
             .insert(session_id.to_string(), Hold::Queued(since));
+        if self.draining.is_some() {
+            return; // the node that starts next times the wait
+        }
         let waited = (crate::db::models::now() - since)
             .to_std()
             .unwrap_or_default();
@@ -352,7 +371,7 @@ impl SessionManager {
             let frame = ServerFrame::HumanUnavailable {
                 session_id: session_id.clone(),
             };
-            act.broadcast(&session_id, &frame, None);
+            act.broadcast(&session_id, &frame);
             act.desk.touch(&session_id);
             act.desk.queue_dirty = true;
             if unanswered || missed {
@@ -385,7 +404,7 @@ impl SessionManager {
                         mode: MODE_HUMAN.into(),
                         agent: Some(cmd.user),
                     };
-                    act.broadcast(&sid, &frame, None);
+                    act.broadcast(&sid, &frame);
                     act.desk.touch(&sid);
                     act.desk.queue_dirty = true;
                 }
@@ -413,7 +432,7 @@ impl SessionManager {
                         mode: s.mode,
                         agent: None,
                     };
-                    act.broadcast(&sid, &frame, None);
+                    act.broadcast(&sid, &frame);
                     act.desk.touch(&sid);
                 }
             }
@@ -465,7 +484,7 @@ impl SessionManager {
                 let frame = ServerFrame::HumanRequested {
                     session_id: sid.clone(),
                 };
-                self.broadcast(&sid, &frame, None);
+                self.broadcast(&sid, &frame);
                 self.desk.touch(&sid);
                 self.desk.queue_dirty = true;
             }
@@ -475,7 +494,7 @@ impl SessionManager {
                     mode: s.mode.clone(),
                     agent: None,
                 };
-                self.broadcast(&sid, &frame, None);
+                self.broadcast(&sid, &frame);
             }
         }
     }
@@ -519,7 +538,7 @@ impl SessionManager {
             session_id: session_id.to_string(),
             status: status.to_string(),
         };
-        self.broadcast(session_id, &frame, None);
+        self.broadcast(session_id, &frame);
         self.desk.touch(session_id);
     }
 
@@ -614,6 +633,15 @@ impl Handler<DeskCommand> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, cmd: DeskCommand, ctx: &mut Context<Self>) {
+        if self.draining.is_some() {
+            // A change made now could be cut off by the close; the next node takes it.
+            return self.refuse(
+                cmd.conn_id,
+                &cmd.session_id,
+                "shutting_down",
+                "the server is restarting; reconnect and try again",
+            );
+        }
         match cmd.op {
             DeskOp::Watch => {
                 let (conn_id, sid) = (cmd.conn_id, cmd.session_id);
