@@ -210,7 +210,7 @@ pub struct ChatSettings {
     pub page_size: i64,
     /// Most messages or conversations one page may hold.
     pub max_page_size: i64,
-    /// How long after a soft delete an admin may still restore a conversation.
+    /// How long after a soft delete staff may still restore a conversation.
     pub restore_window: HumanDuration,
     /// How long a customer who asked for a human waits for an agent before being told none
     /// is free; the AI answers again then.

@@ -38,9 +38,9 @@ pub enum ClientFrame {
     Release { session_id: String },
     /// Staff: close the conversation.
     Close { session_id: String },
-    /// Admins: soft-delete the conversation.
+    /// Staff: soft-delete the conversation.
     Delete { session_id: String },
-    /// Admins: restore a soft-deleted conversation.
+    /// Staff: restore a soft-deleted conversation.
     Restore { session_id: String },
     /// Customer: ask for a human agent.
     RequestHuman { session_id: String },

@@ -31,7 +31,7 @@ use crate::actors::session_manager::messages::{
 };
 use crate::actors::session_manager::SessionManager;
 use crate::auth::AuthUser;
-use crate::db::models::{message, session as sessions, Role};
+use crate::db::models::{message, session as sessions};
 use crate::protocol::{self, AgentView, ClientFrame, ServerFrame};
 use crate::ratelimit::{Bucket, RateLimits};
 
@@ -267,16 +267,6 @@ impl WsSession {
             // The realtime frames are handled in `on_text`.
             _ => return,
         };
-        if matches!(op, DeskOp::SetStatus(s) if s != sessions::CLOSED)
-            && self.user.role != Role::Admin
-        {
-            return self.refuse(
-                "forbidden",
-                "only admins may delete or restore a conversation",
-                Some(&session_id),
-                ctx,
-            );
-        }
         self.with_access(session_id, ctx, move |act, session_id, _| {
             act.manager.do_send(DeskCommand {
                 conn_id: act.id,
