@@ -688,3 +688,67 @@ async fn takeover_is_decided_by_the_database_across_nodes_and_survives_a_new_nod
         .collect();
     assert_eq!(roles, ["user", "user", "assistant"]);
 }
+
+#[tokio::test]
+async fn desk_frames_count_against_the_sockets_frame_budget() {
+    let app = spawn_app_with(|s| {
+        s.rate_limit.ws_frames_per_second = 1;
+        s.rate_limit.ws_frame_burst = 3;
+        s.rate_limit.ws_flood_close_after = 10;
+    })
+    .await;
+    let (_, sid) = customer(&app).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+
+    // Three frames are the burst; the fourth, a takeover, is refused and not acted on.
+    for i in 0..3 {
+        desk_ws.feed(&json!({"type": "ping", "nonce": i})).await;
+    }
+    desk_ws
+        .feed(&json!({"type": "takeover", "session_id": sid}))
+        .await;
+    desk_ws.flush().await;
+    let frames = desk_ws.until(|f| f["type"] == "error").await;
+    assert_eq!(frames.iter().filter(|f| f["type"] == "pong").count(), 3);
+    let refused = frames.last().unwrap();
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f["type"] == "mode" || f["type"] == "watching"),
+        "{frames:?}"
+    );
+    let session = app.session_as_staff(&agent.access_token, &sid).await;
+    assert_eq!(session["mode"], "ai", "{session}");
+
+    // Once the budget refills (one frame a second), the same takeover goes through.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ask(&mut desk_ws, "takeover", &sid).await;
+    desk_ws
+        .until(|f| f["type"] == "mode" && f["session_id"] == sid.as_str())
+        .await;
+    let session = app.session_as_staff(&agent.access_token, &sid).await;
+    assert_eq!(session["mode"], "human", "{session}");
+
+    // A dashboard that keeps flooding desk frames regardless is cut off like any socket.
+    for _ in 0..40 {
+        desk_ws
+            .feed(&json!({"type": "watch", "session_id": sid}))
+            .await;
+    }
+    desk_ws.flush().await;
+    let drained = desk_ws
+        .drain(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|d| panic!("the flooding dashboard is still open: {:?}", d.frames));
+    assert_eq!(drained.close_code, Some(1008), "{drained:?}");
+    let last_error = drained
+        .frames
+        .iter()
+        .rev()
+        .find(|f| f["type"] == "error")
+        .unwrap_or_else(|| panic!("no error before the close: {drained:?}"));
+    assert_eq!(last_error["code"], "rate_limited", "{last_error}");
+}
