@@ -11,4 +11,5 @@ mod realtime;
 mod search;
 mod sessions;
 mod shutdown;
+mod users;
 mod ws;

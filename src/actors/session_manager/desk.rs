@@ -690,15 +690,40 @@ impl Handler<KickConnections> for SessionManager {
 
     fn handle(&mut self, msg: KickConnections, _: &mut Context<Self>) {
         for (conn_id, kick) in msg.kicks {
-            if let Some(conn) = self.connections.get(&conn_id) {
-                log::info!(
-                    "closing connection {conn_id} of {}: {}",
-                    conn.user_id,
-                    kick.code
-                );
-                conn.kick.do_send(kick);
-            }
-            self.forget(conn_id);
+            self.kick(conn_id, kick);
         }
+    }
+}
+
+impl Handler<KickAccount> for SessionManager {
+    type Result = usize;
+
+    fn handle(&mut self, msg: KickAccount, _: &mut Context<Self>) -> usize {
+        let conns: Vec<ConnId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.user_id == msg.user_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for &conn_id in &conns {
+            self.kick(conn_id, msg.kick.clone());
+        }
+        conns.len()
+    }
+}
+
+impl SessionManager {
+    /// Closes a connection with a reason and forgets it at once, so that nothing more is
+    /// delivered to it meanwhile.
+    fn kick(&mut self, conn_id: ConnId, kick: Kick) {
+        if let Some(conn) = self.connections.get(&conn_id) {
+            log::info!(
+                "closing connection {conn_id} of {}: {}",
+                conn.user_id,
+                kick.code
+            );
+            conn.kick.do_send(kick);
+        }
+        self.forget(conn_id);
     }
 }

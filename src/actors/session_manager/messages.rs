@@ -237,6 +237,15 @@ pub struct KickConnections {
     pub kicks: Vec<(ConnId, Kick)>,
 }
 
+/// Close every connection of this account on this node now (it was deactivated or its role
+/// changed); returns how many were closed.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct KickAccount {
+    pub user_id: String,
+    pub kick: Kick,
+}
+
 /// Shut down: take no new messages, interrupt the answers in flight, store everything
 /// pending, then close every socket with a reason. `done` fires when all that is over, or
 /// after `grace` whatever is left.
