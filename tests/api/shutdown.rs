@@ -219,6 +219,9 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
     other
         .send_message(&other_sid, "o-1", "stored during the drain")
         .await;
+    // Frames of one socket are handled in order: once the pong is back, the message was handed
+    // on before the signal can be.
+    other.ping("o-1 handed on").await;
 
     sigterm(&server);
     server.wait_for_log("shutting down: interrupting");
@@ -321,6 +324,7 @@ async fn sigterm_closes_dashboards_too_and_the_human_queue_outlives_the_node() {
     // A message still being stored keeps the drain open while the dashboard asks for a change.
     let release = hold_write_lock(&db.url);
     cust.send_message(&sid, "c-1", "is anybody there?").await;
+    cust.ping("c-1 handed on").await;
     sigterm(&server);
     server.wait_for_log("shutting down: interrupting");
     desk.send(&json!({"type": "takeover", "session_id": sid}))
