@@ -9,6 +9,7 @@
 mod auth;
 mod health;
 mod pages;
+mod search;
 mod sessions;
 mod users;
 mod ws;
@@ -40,12 +41,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .configure(users::routes)
             .configure(sessions::routes)
             .configure(sessions::admin_routes)
+            .configure(search::routes)
+            .configure(search::admin_routes)
             .configure(ws::routes),
     )
     .service(
         web::scope("/api")
             .service(web::resource("/health").get(health::health))
-            .configure(sessions::routes),
+            .configure(sessions::routes)
+            .configure(search::routes),
     )
     .configure(pages::routes)
     .default_service(web::to(not_found));

@@ -76,6 +76,11 @@ fn authenticated_endpoints(session: &str) -> Vec<(Method, String)> {
             Method::POST,
             format!("/api/v1/admin/chat/sessions/{session}/restore"),
         ),
+        // Refused before the id is looked up, so any id does.
+        (
+            Method::PATCH,
+            format!("/api/v1/admin/users/{}", uuid::Uuid::nil()),
+        ),
     ];
     for base in ["/api/v1/chat/sessions", "/api/chat/sessions"] {
         out.push((Method::GET, base.to_string()));

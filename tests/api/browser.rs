@@ -1,9 +1,6 @@
 //! The customer widget and the agent desk in a real browser (headless Chromium over
 //! WebDriver, see `webdriver.rs`): what a customer and an agent see, through a server restart,
 //! and with hostile messages. Each test saves screenshots under `<target>/screenshots/`.
-//!
-//! The desk tests need the staff frames of the agent desk (`snapshot`, `session_update`,
-//! `watch`, `takeover`, `release`); they are marked `#[ignore]` until the server sends them.
 
 use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
@@ -433,7 +430,6 @@ async fn desk_follows(desk: &Browser, session_id: &str) {
 }
 
 #[tokio::test]
-#[ignore = "needs the agent desk's staff frames (snapshot, watch, takeover, release) on the server"]
 async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
     let app = slow_demo_app().await;
     let desk = open_desk(&app).await;
@@ -564,7 +560,6 @@ async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
 }
 
 #[tokio::test]
-#[ignore = "needs the agent desk's staff frames (snapshot, watch, takeover, release) on the server"]
 async fn the_desk_reconnects_after_a_server_restart_and_catches_up() {
     let mut app = slow_demo_app().await;
     let desk = open_desk(&app).await;

@@ -5,6 +5,7 @@
 //! answer in flight per conversation. WsSession actors and HTTP handlers talk to it; it hands
 //! writes to the Committer, answers to the InferencePool, and history reads to the persistence
 //! actor. It does not authenticate, rate-limit or call providers: those live elsewhere.
+//! The agent desk (dashboards, takeover, the human queue) keeps its state in `desk.rs`.
 //!
 //! Every event is serialised once and the same bytes are queued for every recipient. A
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
@@ -13,7 +14,10 @@
 //! On shutdown (`Drain`) it takes no new messages or answers, cancels the answers in flight
 //! (stored as interrupted), waits for every write it handed to the committer to be settled
 //! (acked or refused), then queues a close with a reason behind each socket's last frames.
+//! Dashboards are sockets like the others; the human queue's timers stop at once and desk
+//! changes are refused (`shutting_down`), since the stored waits are picked up by the next node.
 
+pub mod desk;
 pub mod messages;
 
 use std::collections::{HashMap, HashSet};
@@ -84,6 +88,8 @@ enum MemberState {
         /// Tells this replay's pages from those of an earlier `resume` of the same member.
         replay: u64,
         held: Vec<Event>,
+        /// Joined by `watch`: the replay ends with `watching` instead of `resumed`.
+        watch: bool,
         /// The last page, read while the answer in flight was being stored: it is sent once
         /// that store is settled, so the replay and the held events agree on whether the
         /// answer is in the history.
@@ -151,6 +157,7 @@ pub struct SessionManager {
     held_max: usize,
     connections: HashMap<ConnId, Connection>,
     conversations: HashMap<String, Conversation>,
+    desk: desk::Desk,
     /// Numbers each `resume`, so a page read for an earlier one is recognised as stale.
     next_replay: u64,
     /// Messages handed to the committer whose outcome has not come back yet.
@@ -167,18 +174,24 @@ impl SessionManager {
         batch_max: usize,
         resume_max: i64,
         held_max: usize,
+        desk_settings: desk::DeskSettings,
     ) -> Addr<SessionManager> {
-        SessionManager::create(move |ctx| SessionManager {
-            committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
-            db,
-            inference,
-            resume_max: resume_max.max(1),
-            held_max: held_max.max(1),
-            connections: HashMap::new(),
-            conversations: HashMap::new(),
-            next_replay: 1,
-            pending_writes: 0,
-            draining: None,
+        SessionManager::create(move |ctx| {
+            let mut manager = SessionManager {
+                committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
+                db,
+                inference,
+                resume_max: resume_max.max(1),
+                held_max: held_max.max(1),
+                connections: HashMap::new(),
+                conversations: HashMap::new(),
+                desk: desk::Desk::new(desk_settings),
+                next_replay: 1,
+                pending_writes: 0,
+                draining: None,
+            };
+            desk::start(&mut manager, ctx);
+            manager
         })
     }
 
@@ -214,6 +227,7 @@ impl SessionManager {
         let Some(conn) = self.connections.remove(&conn_id) else {
             return;
         };
+        self.desk_forget(conn_id);
         for session_id in conn.sessions {
             if let Some(conv) = self.conversations.get_mut(&session_id) {
                 conv.members.remove(&conn_id);
@@ -287,6 +301,7 @@ impl SessionManager {
             .collect();
         members.sort();
         members.dedup();
+        self.desk.touch(session_id);
         let frame = ServerFrame::Presence {
             session_id: session_id.to_string(),
             members,
@@ -306,6 +321,13 @@ impl SessionManager {
     fn start_reply(&mut self, session_id: &str, ctx: &mut Context<Self>) {
         if self.draining.is_some() {
             return; // no new answers while shutting down
+        }
+        if self.desk.ai_silent(session_id) {
+            // Taken over or waiting for a human: the AI stays silent.
+            if let Some(conv) = self.conversations.get_mut(session_id) {
+                conv.turn_pending = false;
+            }
+            return;
         }
         let conv = self
             .conversations
@@ -440,6 +462,7 @@ impl SessionManager {
             return;
         }
         let m = &appended.message;
+        self.desk.touch(&m.session_id);
         self.broadcast(&m.session_id, &ServerFrame::Message(Self::message_view(m)));
         if m.role == "user" {
             self.start_reply(&m.session_id.clone(), ctx);
@@ -458,6 +481,7 @@ impl SessionManager {
                 conv.reply = None;
             }
         }
+        self.desk.touch(&session_id);
         match outcome {
             Ok(appended) => {
                 let m = &appended.message;
@@ -530,6 +554,7 @@ impl SessionManager {
         // Nobody is told who left: everybody is leaving.
         self.connections.clear();
         self.conversations.clear();
+        self.desk_closed();
         for done in waiting {
             let _ = done.send(());
         }
@@ -559,6 +584,7 @@ impl Handler<Drain> for SessionManager {
                 let _ = cancel.send(());
             }
         }
+        self.desk_drain(ctx);
         ctx.run_later(msg.grace, |act, _| {
             if act.draining.as_ref().is_some_and(|w| !w.is_empty()) {
                 log::warn!(
@@ -609,11 +635,21 @@ impl Handler<Join> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
-        let Join {
-            conn_id,
-            session_id,
-            after_seq,
-        } = msg;
+        self.join(msg.conn_id, msg.session_id, msg.after_seq, false, ctx);
+    }
+}
+
+impl SessionManager {
+    /// Subscribes a connection; with `after_seq`, replays first (ending with `watching`
+    /// when `watch`, else `resumed`).
+    fn join(
+        &mut self,
+        conn_id: ConnId,
+        session_id: String,
+        after_seq: Option<i64>,
+        watch: bool,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(conn) = self.connections.get_mut(&conn_id) else {
             return;
         };
@@ -667,6 +703,7 @@ impl Handler<Join> for SessionManager {
                 state: MemberState::Replaying {
                     replay,
                     held,
+                    watch,
                     last_page: None,
                     read: if busy { Read::Queued } else { Read::InFlight },
                 },
@@ -726,18 +763,24 @@ impl SessionManager {
         else {
             return;
         };
-        let MemberState::Replaying { held, .. } =
+        let MemberState::Replaying { held, watch, .. } =
             std::mem::replace(&mut member.state, MemberState::Live)
         else {
             return;
         };
-        batch.push(ByteString::from(
-            ServerFrame::Resumed {
-                session_id: session_id.to_string(),
-                last_seq: member.delivered,
+        let (session_id, last_seq) = (session_id.to_string(), member.delivered);
+        let done = if watch {
+            ServerFrame::Watching {
+                session_id,
+                last_seq,
             }
-            .to_text(),
-        ));
+        } else {
+            ServerFrame::Resumed {
+                session_id,
+                last_seq,
+            }
+        };
+        batch.push(ByteString::from(done.to_text()));
         // Answers the replay gave as stored messages: their held tokens are repeats too.
         let stored: HashSet<&str> = held
             .iter()
@@ -864,15 +907,21 @@ impl Handler<Leave> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
-        if let Some(conn) = self.connections.get_mut(&msg.conn_id) {
-            conn.sessions.remove(&msg.session_id);
+        self.leave(msg.conn_id, &msg.session_id);
+    }
+}
+
+impl SessionManager {
+    fn leave(&mut self, conn_id: ConnId, session_id: &str) {
+        if let Some(conn) = self.connections.get_mut(&conn_id) {
+            conn.sessions.remove(session_id);
         }
-        if let Some(conv) = self.conversations.get_mut(&msg.session_id) {
-            if conv.members.remove(&msg.conn_id).is_some() {
-                self.announce_presence(&msg.session_id);
+        if let Some(conv) = self.conversations.get_mut(session_id) {
+            if conv.members.remove(&conn_id).is_some() {
+                self.announce_presence(session_id);
             }
         }
-        self.tidy(&msg.session_id);
+        self.tidy(session_id);
     }
 }
 
