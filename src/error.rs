@@ -36,6 +36,10 @@ pub enum ApiError {
     SessionNotActive(String),
     #[error("{0} is unavailable")]
     Unavailable(&'static str),
+    #[error("{0}")]
+    AiUnavailable(String),
+    #[error("{0}")]
+    AiFailed(String),
     #[error("internal error; the cause is in the server log")]
     Internal,
 }
@@ -57,6 +61,8 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::SessionNotActive(_) => "session_not_active",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::AiUnavailable(_) => "ai_unavailable",
+            ApiError::AiFailed(_) => "ai_failed",
             ApiError::Internal => "internal",
         }
     }
@@ -91,7 +97,10 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::SessionNotActive(_) => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::AiUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::AiFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

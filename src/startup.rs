@@ -11,13 +11,16 @@ use anyhow::Context;
 
 use actix::Addr;
 
-use crate::actors::inference::InferencePool;
+use crate::actors::inference::{Answering, InferencePool};
 use crate::actors::persistence::Db;
-use crate::actors::session_manager::SessionManager;
+use crate::actors::session_manager::{Coalescing, SessionManager};
 use crate::auth::JwtKeys;
+use crate::cache::{AnswerCache, MemoryCache, MEMORY_CACHE_ENTRIES};
 use crate::config::Settings;
 use crate::db;
-use crate::providers::demo::DemoProvider;
+use crate::providers;
+use crate::providers::metrics::AiMetrics;
+use crate::providers::resilient::{Policy, Resilient};
 use crate::routes;
 use crate::telemetry::RequestId;
 
@@ -30,6 +33,8 @@ pub struct AppState {
     pub db: Db,
     pub jwt: JwtKeys,
     pub manager: Addr<SessionManager>,
+    /// The AI providers behind their retry and breaker policy.
+    pub ai: Arc<Resilient>,
 }
 
 pub struct Application {
@@ -56,15 +61,51 @@ impl Application {
         })?;
         let port = listener.local_addr()?.port();
 
-        let provider = Arc::new(DemoProvider::new(
-            settings.ai.demo_token_delay.get(),
-            &settings.ai.demo_panic_trigger,
+        let provider = providers::build(&settings.ai.provider, &settings.ai)
+            .await
+            .with_context(|| format!("setting up the AI provider `{}`", settings.ai.provider))?;
+        if provider.is_demo() {
+            log::warn!(
+                "AI_PROVIDER is demo: customers get canned answers. Set AI_PROVIDER=bedrock or openai"
+            );
+        }
+        let fallback = match settings.ai.fallback_provider.as_str() {
+            "" => None,
+            name => {
+                let mut ai = settings.ai.clone();
+                if !ai.fallback_model.is_empty() {
+                    ai.model = ai.fallback_model.clone();
+                }
+                let built = providers::build(name, &ai)
+                    .await
+                    .with_context(|| format!("setting up the fallback AI provider `{name}`"))?;
+                Some(built)
+            }
+        };
+        let ai = Arc::new(Resilient::new(
+            provider,
+            fallback,
+            Policy::from_settings(&settings.ai),
+            settings.ai.breaker_failures,
+            settings.ai.breaker_cooldown.get(),
+            Arc::new(AiMetrics::default()),
+            &settings.ai.models,
         ));
+        let cache: Option<Arc<dyn AnswerCache>> = settings.ai.enable_cache.then(|| {
+            Arc::new(MemoryCache::new(
+                settings.ai.cache_ttl.get(),
+                MEMORY_CACHE_ENTRIES,
+            )) as Arc<dyn AnswerCache>
+        });
         let inference = InferencePool::start(
             settings.ai.workers,
-            provider,
+            ai.clone(),
             db.clone(),
-            settings.ai.history_messages,
+            Answering {
+                history_messages: settings.ai.history_messages,
+                system_prompt: settings.ai.system_prompt.clone(),
+                cache,
+            },
         );
         let manager = SessionManager::start(
             db.clone(),
@@ -72,12 +113,17 @@ impl Application {
             settings.database.group_commit_max,
             settings.realtime.resume_max,
             settings.realtime.outbound_queue,
+            Coalescing {
+                max_messages: settings.ai.batch_size.max(1),
+                pause: settings.ai.batch_timeout.get(),
+            },
         );
         let state = web::Data::new(AppState {
             jwt: JwtKeys::new(&settings.auth)?,
             settings: Arc::new(settings.clone()),
             db,
             manager,
+            ai,
         });
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),

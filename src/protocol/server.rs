@@ -58,6 +58,8 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<String>,
     },
+    /// The AI consultant cannot answer in this conversation; it is offered to a human agent.
+    HumanOffered { session_id: String, reason: String },
     /// Answer to `ping`.
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]

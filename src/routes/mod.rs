@@ -4,7 +4,9 @@
 //! aliases onto the same handlers.
 
 mod auth;
+mod chat;
 mod health;
+mod llm;
 mod sessions;
 mod users;
 mod ws;
@@ -35,9 +37,17 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .configure(users::routes)
             .configure(sessions::routes)
             .configure(sessions::admin_routes)
+            .configure(chat::routes)
+            .configure(llm::routes)
+            .configure(llm::admin_routes)
             .configure(ws::routes),
     )
-    .service(web::scope("/api").configure(sessions::routes))
+    .service(
+        web::scope("/api")
+            .configure(sessions::routes)
+            .configure(chat::routes)
+            .configure(llm::routes),
+    )
     .default_service(web::to(not_found));
 }
 

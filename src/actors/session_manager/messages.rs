@@ -158,4 +158,6 @@ pub struct ReplyFinished {
     pub reply_id: String,
     pub outcome: ReplyOutcome,
     pub model: Option<String>,
+    /// Output tokens, when the provider counted them.
+    pub tokens: Option<i32>,
 }

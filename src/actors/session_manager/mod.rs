@@ -13,6 +13,7 @@
 pub mod messages;
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -20,7 +21,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::oneshot;
 
 use self::messages::*;
-use crate::actors::inference::{InferencePool, StartReply};
+use crate::actors::inference::{InferencePool, StartReply, AI_UNAVAILABLE};
 use crate::actors::persistence::committer::{Append, Committer};
 use crate::actors::persistence::Db;
 use crate::db::models::message::{self, Order, Rejected};
@@ -72,12 +73,28 @@ struct LiveReply {
     cancel: Option<oneshot::Sender<()>>,
 }
 
+/// Customer messages arriving in a burst, waiting to become one AI turn.
+struct Burst {
+    messages: usize,
+    /// Starts the turn when the customer pauses.
+    timer: SpawnHandle,
+}
+
+/// How customer messages are gathered into AI turns (`AI_BATCH_SIZE`, `AI_BATCH_TIMEOUT`).
+#[derive(Debug, Clone, Copy)]
+pub struct Coalescing {
+    pub max_messages: usize,
+    /// Zero answers each message at once.
+    pub pause: Duration,
+}
+
 #[derive(Default)]
 struct Conversation {
     members: HashMap<ConnId, Member>,
     reply: Option<LiveReply>,
     /// A customer wrote while an answer was in flight: answer again when it is stored.
     turn_pending: bool,
+    burst: Option<Burst>,
 }
 
 pub struct SessionManager {
@@ -87,6 +104,7 @@ pub struct SessionManager {
     resume_max: i64,
     /// Events held for one replaying member before it counts as a slow consumer.
     held_max: usize,
+    coalescing: Coalescing,
     connections: HashMap<ConnId, Connection>,
     conversations: HashMap<String, Conversation>,
 }
@@ -99,6 +117,7 @@ impl SessionManager {
         batch_max: usize,
         resume_max: i64,
         held_max: usize,
+        coalescing: Coalescing,
     ) -> Addr<SessionManager> {
         SessionManager::create(move |ctx| SessionManager {
             committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
@@ -106,6 +125,7 @@ impl SessionManager {
             inference,
             resume_max: resume_max.max(1),
             held_max: held_max.max(1),
+            coalescing,
             connections: HashMap::new(),
             conversations: HashMap::new(),
         })
@@ -155,7 +175,11 @@ impl SessionManager {
     /// Forgets a conversation nobody is in and nothing is happening in.
     fn tidy(&mut self, session_id: &str) {
         if let Some(conv) = self.conversations.get(session_id) {
-            if conv.members.is_empty() && conv.reply.is_none() && !conv.turn_pending {
+            if conv.members.is_empty()
+                && conv.reply.is_none()
+                && !conv.turn_pending
+                && conv.burst.is_none()
+            {
                 self.conversations.remove(session_id);
             }
         }
@@ -231,6 +255,57 @@ impl SessionManager {
             .get_mut(session_id)
             .and_then(|c| c.reply.as_mut())
             .filter(|r| reply_id.is_none_or(|id| r.reply_id == id))
+    }
+
+    /// A customer message was stored: answer it, or wait briefly for the rest of a burst so
+    /// that the burst gets one answer.
+    fn customer_wrote(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        let Coalescing {
+            max_messages,
+            pause,
+        } = self.coalescing;
+        if pause.is_zero() {
+            return self.start_reply(session_id, ctx);
+        }
+        let conv = self
+            .conversations
+            .entry(session_id.to_string())
+            .or_default();
+        if conv.reply.is_some() {
+            // Already one follow-up turn for whatever arrives during an answer.
+            conv.turn_pending = true;
+            return;
+        }
+        let messages = match conv.burst.take() {
+            Some(burst) => {
+                ctx.cancel_future(burst.timer);
+                burst.messages + 1
+            }
+            None => 1,
+        };
+        if messages >= max_messages {
+            return self.start_reply(session_id, ctx);
+        }
+        let sid = session_id.to_string();
+        let timer = ctx.run_later(pause, move |act, ctx| {
+            if let Some(conv) = act.conversations.get_mut(&sid) {
+                conv.burst = None;
+            }
+            act.start_reply(&sid, ctx);
+        });
+        conv.burst = Some(Burst { messages, timer });
+    }
+
+    /// Forgets a burst waiting for its turn (the answer was stopped before it started).
+    fn drop_burst(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        if let Some(burst) = self
+            .conversations
+            .get_mut(session_id)
+            .and_then(|c| c.burst.take())
+        {
+            ctx.cancel_future(burst.timer);
+        }
+        self.tidy(session_id);
     }
 
     /// Asks the pool for an AI answer in a conversation, unless one is already in flight.
@@ -361,8 +436,20 @@ impl SessionManager {
             Some(m.seq),
         );
         if m.role == "user" {
-            self.start_reply(&m.session_id.clone(), ctx);
+            self.customer_wrote(&m.session_id.clone(), ctx);
         }
+    }
+
+    /// The AI cannot go on in a conversation: offer it to a human agent. For now this tells
+    /// everyone in the conversation (agents watching it included) and logs; the human queue
+    /// takes the conversation from here.
+    fn offer_to_human(&mut self, session_id: &str, reason: &str) {
+        log::warn!("conversation {session_id} is offered to a human agent: {reason}");
+        let frame = ServerFrame::HumanOffered {
+            session_id: session_id.to_string(),
+            reason: reason.to_string(),
+        };
+        self.broadcast(session_id, &frame, None);
     }
 
     fn reply_stored(
@@ -670,7 +757,8 @@ impl Handler<Typing> for SessionManager {
 impl Handler<StopReply> for SessionManager {
     type Result = ();
 
-    fn handle(&mut self, msg: StopReply, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: StopReply, ctx: &mut Context<Self>) {
+        self.drop_burst(&msg.session_id, ctx);
         if let Some(reply) = self.reply_mut(&msg.session_id, None) {
             if let Some(cancel) = reply.cancel.take() {
                 let _ = cancel.send(());
@@ -717,6 +805,9 @@ impl Handler<ReplyFinished> for SessionManager {
                 client_id: None,
             };
             self.broadcast(&msg.session_id, &frame, None);
+            if *code == AI_UNAVAILABLE {
+                self.offer_to_human(&msg.session_id, code);
+            }
         }
         if text.is_empty() {
             // Nothing was written: there is no answer to store.
@@ -735,7 +826,7 @@ impl Handler<ReplyFinished> for SessionManager {
                 client_id: None,
                 interrupted: msg.outcome != ReplyOutcome::Complete,
                 model: msg.model,
-                tokens: None,
+                tokens: msg.tokens,
             },
             origin: Origin::Reply {
                 session_id: msg.session_id.clone(),

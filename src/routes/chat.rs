@@ -1,0 +1,397 @@
+//! Asking the AI consultant over plain HTTP: `POST /chat/send` answers with the whole reply,
+//! `POST /chat/stream` streams it as Server-Sent Events.
+//!
+//! Both go through the SessionManager exactly as a socket does: the request joins the
+//! conversation as a listening member (a bounded outbox, like a socket's), then posts the
+//! customer's message. So the message and the answer get their `seq`, are stored by the
+//! committer, and are shown live to every socket in the conversation; the request reads
+//! the answer from its outbox. A reader too slow for its outbox is dropped like a slow
+//! socket, and the request ends with an error instead of holding memory.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, HttpResponse};
+use futures_util::stream;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::actors::inference::AI_UNAVAILABLE;
+use crate::actors::session_manager::messages::{
+    AppendFailure, ConnId, Connect, Disconnect, Join, Kick, Origin, Out, PostMessage,
+};
+use crate::actors::session_manager::SessionManager;
+use crate::auth::AuthUser;
+use crate::db::models::message::{self, Order, Rejected};
+use crate::db::models::ChatMessage;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// Frames an HTTP listener may hold before it counts as a slow reader.
+const OUTBOX: usize = 256;
+/// Added to the longest an answer can take (every try of every provider) before a request
+/// stops waiting: the answer goes on and is stored either way.
+const WAIT_MARGIN: Duration = Duration::from_secs(30);
+
+/// HTTP listeners take ids from the top half of the range, sockets from the bottom.
+static NEXT_LISTENER_ID: AtomicU64 = AtomicU64::new(1 << 63);
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/chat/send", web::post().to(send))
+        .route("/chat/stream", web::post().to(stream_reply));
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ask {
+    session_id: String,
+    message: String,
+}
+
+/// `/chat/send`: the stored question and the stored answer.
+#[derive(Serialize)]
+struct Answered {
+    message: ChatMessage,
+    answer: ChatMessage,
+}
+
+/// What a listener reads about its answer.
+enum Event {
+    Token(String),
+    /// The answer is stored as `seq`.
+    Done {
+        seq: i64,
+        interrupted: bool,
+    },
+    /// The answer failed; `code` is `ai_unavailable` when no provider could start it.
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+/// Receives nothing: a listener learns it was dropped from its closed outbox.
+struct KickSink;
+
+impl Actor for KickSink {
+    type Context = Context<Self>;
+}
+
+impl Handler<Kick> for KickSink {
+    type Result = ();
+    fn handle(&mut self, msg: Kick, _: &mut Context<Self>) {
+        log::debug!("an HTTP listener was dropped: {}", msg.code);
+    }
+}
+
+/// This request's place in the conversation; leaving it (on drop) tells the SessionManager.
+struct Membership {
+    conn_id: ConnId,
+    manager: Addr<SessionManager>,
+    _sink: Addr<KickSink>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.manager.do_send(Disconnect {
+            conn_id: self.conn_id,
+        });
+    }
+}
+
+/// A request listening to one conversation for the answer to its message.
+struct Listener {
+    _membership: Membership,
+    session_id: String,
+    rx: mpsc::Receiver<Out>,
+    /// The customer's message, as stored.
+    asked: ChatMessage,
+    /// Answers already being written when the message arrived: not ours.
+    earlier: HashSet<String>,
+    /// Ours, once its first token is seen.
+    reply_id: Option<String>,
+    seen_own_message: bool,
+    deadline: Instant,
+}
+
+impl Listener {
+    /// Checks the request, joins the conversation and posts the message.
+    async fn open(state: &AppState, caller: AuthUser, ask: Ask) -> Result<Listener, ApiError> {
+        if caller.is_staff() {
+            return Err(ApiError::Forbidden(
+                "only customers ask the AI consultant; agents post to the conversation",
+            ));
+        }
+        let found = super::sessions::visible_session(state, &caller, ask.session_id).await?;
+        message::check_content(&ask.message, state.settings.chat.max_message_bytes)
+            .map_err(ApiError::InvalidInput)?;
+
+        let conn_id = NEXT_LISTENER_ID.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        let sink = KickSink.start();
+        state.manager.do_send(Connect {
+            conn_id,
+            user_id: caller.id.clone(),
+            role: caller.role,
+            outbox: tx,
+            kick: sink.clone().recipient(),
+        });
+        state.manager.do_send(Join {
+            conn_id,
+            session_id: found.id.clone(),
+            after_seq: None,
+        });
+        let membership = Membership {
+            conn_id,
+            manager: state.manager.clone(),
+            _sink: sink,
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        state.manager.do_send(PostMessage {
+            session_id: found.id.clone(),
+            author_id: caller.id,
+            role: caller.role,
+            client_id: None,
+            content: ask.message,
+            origin: Origin::Http(done_tx),
+        });
+        let asked = match done_rx
+            .await
+            .map_err(|_| ApiError::Unavailable("the message store"))?
+        {
+            Ok(appended) => appended.message,
+            Err(AppendFailure::Rejected(Rejected::SessionNotActive(status))) => {
+                return Err(ApiError::SessionNotActive(status))
+            }
+            Err(AppendFailure::Rejected(Rejected::SessionNotFound)) => {
+                return Err(ApiError::NotFound("conversation"))
+            }
+            Err(AppendFailure::Store) => return Err(ApiError::Unavailable("the message store")),
+        };
+        let listener = Listener {
+            _membership: membership,
+            session_id: found.id,
+            rx,
+            asked,
+            earlier: HashSet::new(),
+            reply_id: None,
+            seen_own_message: false,
+            deadline: Instant::now() + longest_wait(state),
+        };
+        Ok(listener)
+    }
+
+    /// The next thing that happened to our answer; `None` when the wait is over (the
+    /// listener was dropped as too slow, or the answer took longer than any answer may).
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.deadline);
+            let out = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .ok()??;
+            let frames = match out {
+                Out::Frame(text) => vec![text],
+                Out::Batch(texts) => texts,
+                Out::Ping | Out::Pong(_) => continue,
+            };
+            for text in frames {
+                let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                if let Some(event) = self.read(&frame) {
+                    return Some(event);
+                }
+            }
+        }
+    }
+
+    fn read(&mut self, frame: &Value) -> Option<Event> {
+        if frame["session_id"] != self.session_id.as_str() {
+            return None;
+        }
+        let reply_id = frame["reply_id"].as_str();
+        match frame["type"].as_str()? {
+            "message" if frame["seq"].as_i64() == Some(self.asked.seq) => {
+                self.seen_own_message = true;
+                None
+            }
+            "token" => {
+                let id = reply_id?;
+                if !self.seen_own_message {
+                    self.earlier.insert(id.to_string());
+                    return None;
+                }
+                if self.reply_id.is_none() && !self.earlier.contains(id) {
+                    self.reply_id = Some(id.to_string());
+                }
+                (self.reply_id.as_deref() == Some(id))
+                    .then(|| Event::Token(frame["delta"].as_str().unwrap_or("").to_string()))
+            }
+            "reply_done" => {
+                let id = reply_id?;
+                if self.earlier.contains(id) {
+                    return None;
+                }
+                if self.reply_id.as_deref().is_some_and(|ours| ours != id) {
+                    return None;
+                }
+                Some(Event::Done {
+                    seq: frame["seq"].as_i64()?,
+                    interrupted: frame["interrupted"].as_bool().unwrap_or(false),
+                })
+            }
+            // Errors name no answer: an error while an earlier answer is still running may
+            // be that one's, so it counts only once our answer is known or none ran before.
+            "error"
+                if self.seen_own_message
+                    && (self.reply_id.is_some() || self.earlier.is_empty()) =>
+            {
+                Some(Event::Failed {
+                    code: frame["code"].as_str().unwrap_or("ai_failed").to_string(),
+                    message: frame["message"].as_str().unwrap_or("").to_string(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The longest any answer may take: every try of every provider, then the answer itself.
+fn longest_wait(state: &AppState) -> Duration {
+    let ai = &state.settings.ai;
+    let providers = if ai.fallback_provider.is_empty() {
+        1
+    } else {
+        2
+    };
+    let tries = ai.retry_attempts.max(1) * providers;
+    ai.first_token_timeout.get() * tries + ai.answer_timeout.get() + WAIT_MARGIN
+}
+
+fn unavailable(message: String) -> ApiError {
+    ApiError::AiUnavailable(if message.is_empty() {
+        "the AI consultant is unavailable right now; a human agent has been asked to take over"
+            .into()
+    } else {
+        message
+    })
+}
+
+async fn stored(state: &AppState, session_id: &str, seq: i64) -> Result<ChatMessage, ApiError> {
+    let sid = session_id.to_string();
+    state
+        .db
+        .run(move |c| Ok(message::page(c, &sid, Order::Asc, Some(seq - 1), 1)?))
+        .await?
+        .into_iter()
+        .find(|m| m.seq == seq)
+        .ok_or_else(|| ApiError::internal(format!("answer {seq} in {session_id} is not stored")))
+}
+
+async fn send(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    body: web::Json<Ask>,
+) -> Result<HttpResponse, ApiError> {
+    let mut listener = Listener::open(&state, caller, body.into_inner()).await?;
+    let mut failure: Option<(String, String)> = None;
+    let mut wrote = false;
+    loop {
+        match listener.next().await {
+            Some(Event::Token(_)) => wrote = true,
+            Some(Event::Done { seq, .. }) => {
+                let answer = stored(&state, &listener.session_id, seq).await?;
+                return Ok(HttpResponse::Ok().json(Answered {
+                    message: listener.asked.clone(),
+                    answer,
+                }));
+            }
+            Some(Event::Failed { code, message }) => {
+                // With text written, the interrupted answer is being stored: wait for it.
+                if !wrote {
+                    if code == AI_UNAVAILABLE {
+                        return Err(unavailable(message));
+                    }
+                    return Err(ApiError::AiFailed(message));
+                }
+                failure = Some((code, message));
+            }
+            None => {
+                log::warn!(
+                    "gave up waiting for the answer in {}{}",
+                    listener.session_id,
+                    failure
+                        .map(|(c, _)| format!(" after {c}"))
+                        .unwrap_or_default()
+                );
+                return Err(ApiError::AiFailed(
+                    "the answer did not arrive in time; it is stored when it is finished".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn sse(event: &str, data: &Value) -> web::Bytes {
+    web::Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+async fn stream_reply(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    body: web::Json<Ask>,
+) -> Result<HttpResponse, ApiError> {
+    let mut listener = Listener::open(&state, caller, body.into_inner()).await?;
+    // The first event decides the status: no provider at all is a 503, not an empty stream.
+    let first = listener.next().await;
+    if let Some(Event::Failed { code, message }) = &first {
+        if code == AI_UNAVAILABLE {
+            return Err(unavailable(message.clone()));
+        }
+    }
+    let head = sse("message", &json!(listener.asked));
+    let events = stream::unfold(
+        (listener, first, false),
+        |(mut listener, pending, finished)| async move {
+            if finished {
+                return None;
+            }
+            let event = match pending {
+                Some(event) => Some(event),
+                None => listener.next().await,
+            };
+            let (bytes, finished) = match event {
+                Some(Event::Token(delta)) => (sse("token", &json!({ "delta": delta })), false),
+                Some(Event::Done { seq, interrupted }) => (
+                    sse(
+                        "done",
+                        &json!({ "seq": seq, "interrupted": interrupted, "session_id": listener.session_id }),
+                    ),
+                    true,
+                ),
+                Some(Event::Failed { code, message }) => (
+                    sse("error", &json!({ "code": code, "message": message })),
+                    false,
+                ),
+                None => (
+                    sse(
+                        "error",
+                        &json!({"code": "ai_failed", "message": "the answer did not arrive in time"}),
+                    ),
+                    true,
+                ),
+            };
+            Some((Ok::<_, Infallible>(bytes), (listener, None, finished)))
+        },
+    );
+    let body = futures_util::StreamExt::chain(stream::once(async move { Ok(head) }), events);
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
