@@ -788,6 +788,36 @@ mod tests {
     }
 
     #[test]
+    fn ai_variables_are_read_and_checked() {
+        let s = Settings::load_from(&vars(&[
+            ("AI_PROVIDER", "openai"),
+            ("AI_MODEL", "llama3.2"),
+            ("AI_MODELS", " a, b ,,c "),
+            ("ENABLE_AI_CACHE", "yes"),
+            ("AI_RETRY_ATTEMPTS", "5"),
+            ("AI_RETRY_DELAY", "250ms"),
+            ("OPENAI_API_KEY", "sk-secret-value"),
+        ]))
+        .unwrap();
+        assert_eq!(s.ai.provider, "openai");
+        assert_eq!(s.ai.models, ["a", "b", "c"]);
+        assert!(s.ai.enable_cache);
+        assert_eq!(s.ai.retry_attempts, 5);
+        assert_eq!(s.ai.retry_delay.get(), Duration::from_millis(250));
+        assert!(!format!("{s:?}").contains("sk-secret-value"));
+
+        let err = Settings::load_from(&vars(&[("AI_PROVIDER", "gpt")])).unwrap_err();
+        assert!(format!("{err:#}").contains("AI_PROVIDER"), "{err:#}");
+        let err = Settings::load_from(&vars(&[("AI_FALLBACK_PROVIDER", "x")])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("AI_FALLBACK_PROVIDER"),
+            "{err:#}"
+        );
+        let err = Settings::load_from(&vars(&[("ENABLE_AI_CACHE", "maybe")])).unwrap_err();
+        assert!(format!("{err:#}").contains("ENABLE_AI_CACHE"), "{err:#}");
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let s = Settings::load_from(&vars(&[(
             "JWT_SECRET",

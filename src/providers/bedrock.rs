@@ -12,6 +12,9 @@ use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_bedrockruntime::config::Credentials;
 use aws_sdk_bedrockruntime::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_bedrockruntime::operation::converse::ConverseError;
+use aws_sdk_bedrockruntime::operation::converse_stream::ConverseStreamError;
+use aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError;
 use aws_sdk_bedrockruntime::types::{
     ContentBlock, ContentBlockDelta, ConversationRole, ConverseStreamOutput, Message,
     SystemContentBlock, TokenUsage,
@@ -238,11 +241,57 @@ fn usage_of(u: &TokenUsage) -> Usage {
     }
 }
 
+/// The Bedrock error an SDK error value is, by its type: an exception inside the event
+/// stream carries no error code in its metadata, only its type.
+trait Named {
+    fn name(&self) -> Option<&'static str>;
+}
+
+impl Named for ConverseStreamOutputError {
+    fn name(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::ThrottlingException(_) => "ThrottlingException",
+            Self::InternalServerException(_) => "InternalServerException",
+            Self::ServiceUnavailableException(_) => "ServiceUnavailableException",
+            Self::ModelStreamErrorException(_) => "ModelStreamErrorException",
+            Self::ValidationException(_) => "ValidationException",
+            _ => return None,
+        })
+    }
+}
+
+impl Named for ConverseStreamError {
+    fn name(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::ThrottlingException(_) => "ThrottlingException",
+            Self::InternalServerException(_) => "InternalServerException",
+            Self::ServiceUnavailableException(_) => "ServiceUnavailableException",
+            Self::ModelStreamErrorException(_) => "ModelStreamErrorException",
+            Self::ModelNotReadyException(_) => "ModelNotReadyException",
+            Self::ModelTimeoutException(_) => "ModelTimeoutException",
+            _ => return None,
+        })
+    }
+}
+
+impl Named for ConverseError {
+    fn name(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::ThrottlingException(_) => "ThrottlingException",
+            Self::InternalServerException(_) => "InternalServerException",
+            Self::ServiceUnavailableException(_) => "ServiceUnavailableException",
+            Self::ModelNotReadyException(_) => "ModelNotReadyException",
+            Self::ModelTimeoutException(_) => "ModelTimeoutException",
+            _ => return None,
+        })
+    }
+}
+
 /// What an SDK failure means for retrying. Bedrock names its errors; the HTTP status (absent
 /// for errors inside the event stream) decides the rest.
 fn sdk_error<E, R>(e: SdkError<E, R>, status: Option<u16>) -> ProviderError
 where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
+    E: Named + ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
     match &e {
@@ -253,7 +302,7 @@ where
         SdkError::DispatchFailure(d) if d.is_io() => ProviderError::Connect(format!("{:?}", d)),
         SdkError::ServiceError(service) => {
             let err = service.err();
-            let code = err.code().unwrap_or("Unknown");
+            let code = err.name().or(err.code()).unwrap_or("Unknown");
             let message = format!("{code}: {}", err.message().unwrap_or("no message"));
             match code {
                 "ThrottlingException" => ProviderError::Throttled(message),

@@ -14,7 +14,7 @@ use futures_util::stream::{self, StreamExt};
 use rand::Rng;
 
 use super::metrics::AiMetrics;
-use super::{Answer, ChatRequest, Chunk, Provider, ProviderError, TokenStream};
+use super::{ChatRequest, Chunk, Provider, ProviderError, TokenStream};
 use crate::config::AiSettings;
 
 /// Longest pause between two tries, whatever `AI_RETRY_DELAY` and the attempt count say.
@@ -387,24 +387,6 @@ impl Resilient {
             is_fallback: false,
             stream: Box::pin(stream::unfold(state, Watch::step)),
         })
-    }
-
-    /// A whole answer, with the same tries, breakers and fallback as a streamed one.
-    pub async fn complete(
-        &self,
-        request: &ChatRequest,
-    ) -> Result<(Answer, String, String), ProviderError> {
-        let opened = self.open(request).await?;
-        let mut text = String::new();
-        let mut usage = None;
-        let mut stream = opened.stream;
-        while let Some(chunk) = stream.next().await {
-            match chunk? {
-                Chunk::Text(t) => text.push_str(&t),
-                Chunk::Usage(u) => usage = Some(u),
-            }
-        }
-        Ok((Answer { text, usage }, opened.provider, opened.model))
     }
 }
 

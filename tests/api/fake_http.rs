@@ -312,6 +312,29 @@ pub fn bedrock_event(event_type: &str, payload: &Value) -> Part {
     Part::Bytes(frame)
 }
 
+/// An exception frame inside a ConverseStream (`throttlingException`, …).
+pub fn bedrock_exception(exception_type: &str, message: &str) -> Part {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let payload = serde_json::json!({ "message": message }).to_string();
+    let message = Message::new(payload.into_bytes())
+        .add_header(Header::new(
+            ":exception-type",
+            HeaderValue::String(exception_type.to_string().into()),
+        ))
+        .add_header(Header::new(
+            ":content-type",
+            HeaderValue::String("application/json".into()),
+        ))
+        .add_header(Header::new(
+            ":message-type",
+            HeaderValue::String("exception".into()),
+        ));
+    let mut frame = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&message, &mut frame)
+        .expect("encoding an event-stream frame");
+    Part::Bytes(frame)
+}
+
 /// A whole ConverseStream answer: messageStart, one contentBlockDelta per delta,
 /// contentBlockStop, messageStop and metadata with the usage.
 pub fn bedrock_stream(deltas: &[&str], usage: (u64, u64)) -> Vec<Part> {

@@ -340,3 +340,34 @@ async fn provider_errors_keep_their_kind() {
         "{e:?}"
     );
 }
+
+#[tokio::test]
+async fn a_provider_without_what_it_needs_says_what_to_set() {
+    use switchboard::providers;
+    let mut settings = crate::helpers::test_settings("sqlite://unused");
+    settings.ai.model = String::new();
+    for name in ["openai", "bedrock"] {
+        let err = providers::build(name, &settings.ai)
+            .await
+            .err()
+            .expect("refused");
+        assert!(format!("{err:#}").contains("AI_MODEL"), "{err:#}");
+    }
+    settings.ai.model = "m".into();
+    settings.ai.openai_base_url = "127.0.0.1:11434/v1".into();
+    let err = providers::build("openai", &settings.ai)
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("OPENAI_BASE_URL"), "{err:#}");
+    settings.ai.bedrock_access_key_id = switchboard::config::Secret::new("AKIDONLY");
+    settings.ai.aws_region = "us-east-1".into();
+    let err = providers::build("bedrock", &settings.ai)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:#}").contains("bedrock_secret_access_key"),
+        "{err:#}"
+    );
+}

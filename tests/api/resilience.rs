@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use switchboard::config::{HumanDuration, Settings};
 
 use crate::fake_http::{
-    bedrock_error, bedrock_stream, bedrock_stream_reply, openai_delta, openai_sse, FakeServer,
-    Part, Reply,
+    bedrock_delta, bedrock_error, bedrock_exception, bedrock_stream, bedrock_stream_reply,
+    openai_delta, openai_sse, FakeServer, Part, Reply,
 };
 use crate::helpers::{spawn_app_with, TestApp};
 use crate::providers::{
@@ -105,6 +105,39 @@ async fn bedrock_throttling_is_retried_by_our_policy_not_the_sdk() {
     let frames = ask(&mut ws, &sid, "c-1", "hello").await;
     assert_eq!(tokens_text(&frames), "Here you go.");
     assert_eq!(fake.request_count(), 2);
+}
+
+#[tokio::test]
+async fn bedrock_exceptions_inside_the_stream_are_retried_before_the_first_token_only() {
+    let fake = FakeServer::start(vec![
+        bedrock_stream_reply(vec![bedrock_exception("throttlingException", "slow down")]),
+        bedrock_stream_reply(vec![
+            bedrock_delta("Half an"),
+            bedrock_exception("modelStreamErrorException", "the model broke"),
+        ]),
+    ])
+    .await;
+    let fake_for_app = fake.clone();
+    let app = spawn_app_with(move |s| {
+        use_bedrock(s, &fake_for_app);
+        quick(s);
+    })
+    .await;
+    let (token, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    let frames = ask(&mut ws, &sid, "c-1", "hello").await;
+    // Throttled before any text: tried again. Broken after text: the answer ends there.
+    assert_eq!(fake.request_count(), 2);
+    assert_eq!(tokens_text(&frames), "Half an");
+    let error = frames
+        .iter()
+        .find(|f| f["type"] == "error")
+        .expect("an error frame");
+    assert_eq!(error["code"], "ai_failed", "{error}");
+    assert_eq!(frames.last().unwrap()["interrupted"], true);
+    let messages = stored_messages(&app, &token, &sid).await;
+    assert_eq!(messages[1]["content"], "Half an");
+    assert_eq!(messages[1]["interrupted"], true);
 }
 
 #[tokio::test]
