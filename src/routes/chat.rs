@@ -8,7 +8,6 @@
 //! the answer from its outbox. A reader too slow for its outbox is dropped like a slow
 //! socket, and the request ends with an error instead of holding memory.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -110,10 +109,12 @@ struct Listener {
     rx: mpsc::Receiver<Out>,
     /// The customer's message, as stored.
     asked: ChatMessage,
-    /// Answers already being written when the message arrived: not ours.
-    earlier: HashSet<String>,
+    /// The answer already being written when the message was stored: not ours, ours is next.
+    earlier: Option<String>,
+    earlier_done: bool,
     /// Ours, once its first token is seen.
     reply_id: Option<String>,
+    /// Frames before our own message's are about earlier turns.
     seen_own_message: bool,
     deadline: Instant,
 }
@@ -157,13 +158,13 @@ impl Listener {
             role: caller.role,
             client_id: None,
             content: ask.message,
-            origin: Origin::Http(done_tx),
+            origin: Origin::Ask(done_tx),
         });
         let asked = match done_rx
             .await
             .map_err(|_| ApiError::Unavailable("the message store"))?
         {
-            Ok(appended) => appended.message,
+            Ok(asked) => asked,
             Err(AppendFailure::Rejected(Rejected::SessionNotActive(status))) => {
                 return Err(ApiError::SessionNotActive(status))
             }
@@ -176,8 +177,9 @@ impl Listener {
             _membership: membership,
             session_id: found.id,
             rx,
-            asked,
-            earlier: HashSet::new(),
+            asked: asked.appended.message,
+            earlier: asked.earlier_reply,
+            earlier_done: false,
             reply_id: None,
             seen_own_message: false,
             deadline: Instant::now() + longest_wait(state),
@@ -219,21 +221,20 @@ impl Listener {
                 self.seen_own_message = true;
                 None
             }
+            _ if !self.seen_own_message => None,
             "token" => {
                 let id = reply_id?;
-                if !self.seen_own_message {
-                    self.earlier.insert(id.to_string());
+                if self.earlier.as_deref() == Some(id) {
                     return None;
                 }
-                if self.reply_id.is_none() && !self.earlier.contains(id) {
-                    self.reply_id = Some(id.to_string());
-                }
-                (self.reply_id.as_deref() == Some(id))
+                let ours = self.reply_id.get_or_insert_with(|| id.to_string());
+                (ours == id)
                     .then(|| Event::Token(frame["delta"].as_str().unwrap_or("").to_string()))
             }
             "reply_done" => {
                 let id = reply_id?;
-                if self.earlier.contains(id) {
+                if self.earlier.as_deref() == Some(id) {
+                    self.earlier_done = true;
                     return None;
                 }
                 if self.reply_id.as_deref().is_some_and(|ours| ours != id) {
@@ -244,11 +245,13 @@ impl Listener {
                     interrupted: frame["interrupted"].as_bool().unwrap_or(false),
                 })
             }
-            // Errors name no answer: an error while an earlier answer is still running may
-            // be that one's, so it counts only once our answer is known or none ran before.
+            // Errors name no answer. `ai_unavailable` means no provider could start, which
+            // holds for ours too; another error is the earlier answer's until that one ended.
             "error"
-                if self.seen_own_message
-                    && (self.reply_id.is_some() || self.earlier.is_empty()) =>
+                if frame["code"] == AI_UNAVAILABLE
+                    || self.earlier.is_none()
+                    || self.earlier_done
+                    || self.reply_id.is_some() =>
             {
                 Some(Event::Failed {
                     code: frame["code"].as_str().unwrap_or("ai_failed").to_string(),

@@ -494,3 +494,33 @@ async fn the_providers_endpoint_shows_an_open_breaker() {
     assert_eq!(providers[1]["role"], "fallback");
     assert_eq!(providers[1]["healthy"], true);
 }
+
+#[tokio::test]
+async fn send_while_an_answer_is_being_written_returns_the_answer_to_its_own_message() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = HumanDuration::from_millis(20)).await;
+    let (token, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "c-1", "first question").await;
+    ws.until(|f| f["type"] == "token").await;
+
+    let res = app
+        .post_json(
+            "/api/chat/send",
+            &token,
+            &json!({"session_id": sid, "message": "second question"}),
+        )
+        .await;
+    let body = expect_json(res, 200).await;
+    assert_eq!(body["message"]["seq"], 2, "{body}");
+    assert_eq!(body["answer"]["seq"], 4, "{body}");
+    let answer = body["answer"]["content"].as_str().unwrap();
+    assert!(answer.contains("second question"), "{answer}");
+    let stored = stored_messages(&app, &token, &sid).await;
+    assert!(
+        stored[2]["content"]
+            .as_str()
+            .unwrap()
+            .contains("first question"),
+        "{stored:?}"
+    );
+}

@@ -96,10 +96,20 @@ pub enum Origin {
         client_id: String,
     },
     Http(oneshot::Sender<Result<Appended, AppendFailure>>),
+    /// A customer's question over HTTP, whose asker waits for the answer.
+    Ask(oneshot::Sender<Result<Asked, AppendFailure>>),
     Reply {
         session_id: String,
         reply_id: String,
     },
+}
+
+/// A question stored, and the answer that was already being written when it was (so not
+/// its answer: answers in a conversation come one after another).
+#[derive(Debug)]
+pub struct Asked {
+    pub appended: Appended,
+    pub earlier_reply: Option<String>,
 }
 
 /// Why a message was not stored.

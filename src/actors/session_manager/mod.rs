@@ -414,6 +414,19 @@ impl SessionManager {
                 }
                 let _ = reply.send(outcome);
             }
+            (Origin::Ask(reply), outcome) => {
+                let outcome = outcome.map(|appended| {
+                    let earlier_reply = self
+                        .reply_mut(&appended.message.session_id, None)
+                        .map(|r| r.reply_id.clone());
+                    self.after_store(&appended, ctx);
+                    Asked {
+                        appended,
+                        earlier_reply,
+                    }
+                });
+                let _ = reply.send(outcome);
+            }
             (
                 Origin::Reply {
                     session_id,
