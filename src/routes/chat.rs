@@ -332,7 +332,9 @@ async fn send(
                         .unwrap_or_default()
                 );
                 return Err(ApiError::AiFailed(
-                    "the answer did not arrive in time; it is stored when it is finished".into(),
+                    "the answer could not be followed to its end (it took too long, or this \
+                     request fell behind); it is stored when it is finished"
+                        .into(),
                 ));
             }
         }
@@ -383,7 +385,7 @@ async fn stream_reply(
                 None => (
                     sse(
                         "error",
-                        &json!({"code": "ai_failed", "message": "the answer did not arrive in time"}),
+                        &json!({"code": "ai_failed", "message": "the answer could not be followed to its end; it is stored when it is finished"}),
                     ),
                     true,
                 ),

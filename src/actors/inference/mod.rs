@@ -7,6 +7,11 @@
 //! `catch_unwind`: a panicking provider costs that one answer, which ends as
 //! `ai_failed`; the worker then stops and its supervisor starts a fresh one, and every other
 //! answer goes on. The SessionManager talks to the pool through [`InferencePool`].
+//!
+//! Providers are reached through [`Resilient`] (timeouts, retries, circuit breakers, the
+//! fallback); an answer no provider can start ends as `ai_unavailable`, one that breaks after
+//! its first token as `ai_failed`. With the answer cache on, an identical context is
+//! answered from the cache, streamed token by token like a fresh answer.
 
 pub mod messages;
 
@@ -16,16 +21,15 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use futures_util::{FutureExt, StreamExt};
+use tokio::sync::oneshot::error::TryRecvError;
 
 use messages::ProviderPanicked;
 pub use messages::StartReply;
 
 use crate::actors::persistence::{panic_message, Db};
 use crate::actors::session_manager::messages::{ReplyFinished, ReplyOutcome, TokenChunk};
-use crate::db::models::message::{self, Order};
-use tokio::sync::oneshot::error::TryRecvError;
-
 use crate::cache::{context_key, AnswerCache, CachedAnswer};
+use crate::db::models::message::{self, Order};
 use crate::providers::demo;
 use crate::providers::resilient::Resilient;
 use crate::providers::{ChatRequest, Chunk, Turn, Usage};

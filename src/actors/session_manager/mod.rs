@@ -5,6 +5,9 @@
 //! answer in flight per conversation. WsSession actors and HTTP handlers talk to it; it hands
 //! writes to the Committer, answers to the InferencePool, and history reads to the persistence
 //! actor. It does not authenticate, rate-limit or call providers: those live elsewhere.
+//! It decides when a conversation gets an AI turn: a customer's burst of messages becomes one
+//! turn (`AI_BATCH_SIZE`, `AI_BATCH_TIMEOUT`), and a conversation the AI cannot answer is
+//! offered to a human (`offer_to_human`).
 //!
 //! Every event is serialised once and the same bytes are queued for every recipient. A
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
