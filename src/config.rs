@@ -797,8 +797,12 @@ mod tests {
             ("AI_RETRY_ATTEMPTS", "5"),
             ("AI_RETRY_DELAY", "250ms"),
             ("OPENAI_API_KEY", "sk-secret-value"),
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", "http://127.0.0.1:4566"),
         ]))
         .unwrap();
+        assert_eq!(s.ai.aws_region, "eu-west-1");
+        assert_eq!(s.ai.bedrock_endpoint_url, "http://127.0.0.1:4566");
         assert_eq!(s.ai.provider, "openai");
         assert_eq!(s.ai.models, ["a", "b", "c"]);
         assert!(s.ai.enable_cache);

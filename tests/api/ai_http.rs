@@ -455,6 +455,13 @@ async fn ai_metrics_count_requests_retries_errors_latency_and_tokens() {
 
     let res = app.get("/api/v1/admin/chat/metrics/ai", &token).await;
     assert_error(res, 403, "forbidden").await;
+    let res = app
+        .client
+        .get(app.url("/api/v1/admin/chat/metrics/ai"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 401, "unauthorized").await;
 }
 
 #[tokio::test]
