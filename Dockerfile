@@ -42,7 +42,10 @@ WORKDIR /app
 COPY --from=builder /src/target/release/switchboard /usr/local/bin/switchboard
 COPY config /app/config
 # The SQLite default (sqlite://data/chat_history.db) lives here; mount a volume to keep it.
-RUN mkdir -p /app/data && chown switchboard:switchboard /app/data
+# /app/backend is the name the operators' runbooks call the binary by
+# (`docker-compose exec backend ./backend -check-db`).
+RUN mkdir -p /app/data && chown switchboard:switchboard /app/data \
+    && ln -s /usr/local/bin/switchboard /app/backend
 
 USER switchboard
 

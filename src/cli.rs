@@ -17,6 +17,9 @@ use crate::telemetry;
 fn load() -> anyhow::Result<Settings> {
     let settings = Settings::load()?;
     telemetry::init(&settings.log);
+    for warning in settings.warnings() {
+        log::warn!("{warning}");
+    }
     Ok(settings)
 }
 
@@ -40,9 +43,7 @@ pub async fn serve() -> i32 {
                 settings.environment.as_str()
             );
             let app = Application::build(settings).await?;
-            app.run_until_stopped()
-                .await
-                .context("running the HTTP server")?;
+            app.run_until_signalled().await?;
             log::info!("stopped");
             Ok(())
         }

@@ -69,6 +69,8 @@ pub struct Settings {
     pub realtime: RealtimeSettings,
     /// The AI consultant.
     pub ai: AiSettings,
+    /// Flood protection.
+    pub rate_limit: RateLimitSettings,
     /// Not read from files: set from `APP_ENV`.
     #[serde(skip)]
     pub environment: Environment,
@@ -84,6 +86,7 @@ impl Default for Settings {
             chat: ChatSettings::default(),
             realtime: RealtimeSettings::default(),
             ai: AiSettings::default(),
+            rate_limit: RateLimitSettings::default(),
             environment: Environment::Development,
         }
     }
@@ -100,6 +103,9 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
+    /// On SIGTERM or SIGINT: the longest wait for answers to be stored and sockets closed,
+    /// and then again for open HTTP requests to finish (`SHUTDOWN_TIMEOUT`).
+    pub shutdown_timeout: HumanDuration,
 }
 
 impl Default for ServerSettings {
@@ -109,6 +115,7 @@ impl Default for ServerSettings {
             port: 8080,
             max_body_bytes: 64 * 1024,
             workers: 0,
+            shutdown_timeout: HumanDuration::from_secs(10),
         }
     }
 }
@@ -231,6 +238,9 @@ pub struct RealtimeSettings {
     pub max_frame_bytes: usize,
     /// Stored messages per replay page after `resume` (pages follow one another).
     pub resume_max: i64,
+    /// Messages one connection may have sent and not yet had acknowledged; a `send` beyond
+    /// it is refused with `too_many_pending`.
+    pub max_pending_acks: usize,
 }
 
 impl Default for RealtimeSettings {
@@ -241,6 +251,7 @@ impl Default for RealtimeSettings {
             outbound_queue: 256,
             max_frame_bytes: 64 * 1024,
             resume_max: 1000,
+            max_pending_acks: 64,
         }
     }
 }
@@ -348,6 +359,41 @@ impl Default for AiSettings {
     }
 }
 
+/// Token buckets: each allows `burst` at once, refilled at the given rate; a rate of 0
+/// turns that limit off.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    /// Frames of any kind one WebSocket may send per second, on average.
+    pub ws_frames_per_second: u32,
+    /// Frames one WebSocket may send at once above that rate.
+    pub ws_frame_burst: u32,
+    /// Refused frames in a row after which a flooding socket is closed.
+    pub ws_flood_close_after: u32,
+    /// Messages one user may post per minute, over WebSocket and HTTP together.
+    pub messages_per_minute: u32,
+    /// Messages one user may post at once above that rate.
+    pub message_burst: u32,
+    /// Sign-in requests (login, register, guest, refresh) one IP address may make per minute.
+    pub auth_per_minute: u32,
+    /// Sign-in requests one IP address may make at once above that rate.
+    pub auth_burst: u32,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings {
+            ws_frames_per_second: 50,
+            ws_frame_burst: 200,
+            ws_flood_close_after: 100,
+            messages_per_minute: 600,
+            message_burst: 200,
+            auth_per_minute: 120,
+            auth_burst: 600,
+        }
+    }
+}
+
 /// How an environment variable's text becomes a TOML value.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -365,6 +411,7 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("PORT", "server.port", Kind::Int),
     ("MAX_BODY_BYTES", "server.max_body_bytes", Kind::Int),
     ("HTTP_WORKERS", "server.workers", Kind::Int),
+    ("SHUTDOWN_TIMEOUT", "server.shutdown_timeout", Kind::Str),
     ("DATABASE_URL", "database.url", Kind::Str),
     ("DB_MAX_OPEN_CONNS", "database.max_open_conns", Kind::Int),
     ("DB_MAX_IDLE_CONNS", "database.max_idle_conns", Kind::Int),
@@ -398,6 +445,42 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("WS_CLIENT_TIMEOUT", "realtime.client_timeout", Kind::Str),
     ("WS_OUTBOUND_QUEUE", "realtime.outbound_queue", Kind::Int),
     ("WS_MAX_FRAME_BYTES", "realtime.max_frame_bytes", Kind::Int),
+    (
+        "WS_MAX_PENDING_ACKS",
+        "realtime.max_pending_acks",
+        Kind::Int,
+    ),
+    (
+        "RATE_LIMIT_WS_FRAMES_PER_SECOND",
+        "rate_limit.ws_frames_per_second",
+        Kind::Int,
+    ),
+    (
+        "RATE_LIMIT_WS_FRAME_BURST",
+        "rate_limit.ws_frame_burst",
+        Kind::Int,
+    ),
+    (
+        "RATE_LIMIT_WS_FLOOD_CLOSE_AFTER",
+        "rate_limit.ws_flood_close_after",
+        Kind::Int,
+    ),
+    (
+        "RATE_LIMIT_MESSAGES_PER_MINUTE",
+        "rate_limit.messages_per_minute",
+        Kind::Int,
+    ),
+    (
+        "RATE_LIMIT_MESSAGE_BURST",
+        "rate_limit.message_burst",
+        Kind::Int,
+    ),
+    (
+        "RATE_LIMIT_AUTH_PER_MINUTE",
+        "rate_limit.auth_per_minute",
+        Kind::Int,
+    ),
+    ("RATE_LIMIT_AUTH_BURST", "rate_limit.auth_burst", Kind::Int),
     ("AI_WORKERS", "ai.workers", Kind::Int),
     ("AI_HISTORY_MESSAGES", "ai.history_messages", Kind::Int),
     ("AI_DEMO_TOKEN_DELAY", "ai.demo_token_delay", Kind::Str),
@@ -489,10 +572,8 @@ impl Settings {
                 secret.len()
             );
         }
+        // Warned about by `warnings()` once the logger is up: none is installed yet here.
         if secret.is_empty() {
-            log::warn!(
-                "JWT_SECRET is not set; using the development secret (refused outside development)"
-            );
             self.auth.jwt_secret = Secret::new(DEVELOPMENT_SECRET);
         }
         match self.auth.algorithm.as_str() {
@@ -526,6 +607,20 @@ impl Settings {
             self.database.max_idle_conns = self.database.max_open_conns;
         }
         Ok(())
+    }
+
+    /// What an operator should hear about these settings at start-up; logged by the caller once
+    /// the logger is installed (settings are loaded before it, since they configure it).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.auth.jwt_secret.expose() == DEVELOPMENT_SECRET {
+            warnings.push(
+                "JWT_SECRET is not set; tokens are signed with the fixed development secret, \
+                 which is refused outside development (make one with `openssl rand -base64 48`)"
+                    .to_string(),
+            );
+        }
+        warnings
     }
 
     pub fn is_development(&self) -> bool {
@@ -819,6 +914,15 @@ mod tests {
         );
         let err = Settings::load_from(&vars(&[("ENABLE_AI_CACHE", "maybe")])).unwrap_err();
         assert!(format!("{err:#}").contains("ENABLE_AI_CACHE"), "{err:#}");
+    }
+
+    #[test]
+    fn development_without_a_secret_warns() {
+        let s = Settings::load_from(&vars(&[])).unwrap();
+        assert!(s.warnings().iter().any(|w| w.contains("JWT_SECRET")));
+        let s = Settings::load_from(&vars(&[("JWT_SECRET", "0123456789abcdef0123456789abcdef")]))
+            .unwrap();
+        assert!(s.warnings().is_empty());
     }
 
     #[test]

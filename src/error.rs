@@ -18,6 +18,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("send the body as JSON with Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("{0}")]
     Unauthorized(&'static str),
     #[error("the token has expired; refresh it or sign in again")]
@@ -40,6 +42,10 @@ pub enum ApiError {
     AiUnavailable(String),
     #[error("{0}")]
     AiFailed(String),
+    #[error("{0}")]
+    ShuttingDown(&'static str),
+    #[error("too many requests; retry in {} s", .0.retry_after.as_secs().max(1))]
+    RateLimited(crate::ratelimit::Verdict),
     #[error("internal error; the cause is in the server log")]
     Internal,
 }
@@ -52,6 +58,7 @@ impl ApiError {
             ApiError::InvalidInput(e) => e.code(),
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::TokenExpired => "token_expired",
             ApiError::AccountDisabled => "account_disabled",
@@ -63,6 +70,8 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::AiUnavailable(_) => "ai_unavailable",
             ApiError::AiFailed(_) => "ai_failed",
+            ApiError::ShuttingDown(_) => "shutting_down",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Internal => "internal",
         }
     }
@@ -90,6 +99,7 @@ impl ResponseError for ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized(_)
             | ApiError::TokenExpired
             | ApiError::AccountDisabled
@@ -97,10 +107,11 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::SessionNotActive(_) => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) | ApiError::AiUnavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::AiUnavailable(_) | ApiError::ShuttingDown(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::AiFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -109,6 +120,9 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::UNAUTHORIZED {
             res.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let ApiError::RateLimited(verdict) = self {
+            crate::ratelimit::http::too_many(verdict, &mut res);
         }
         res.json(ErrorBody {
             error: self.code(),

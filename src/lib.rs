@@ -11,6 +11,7 @@ pub mod db;
 pub mod error;
 pub mod protocol;
 pub mod providers;
+pub mod ratelimit;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;

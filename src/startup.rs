@@ -13,6 +13,7 @@ use actix::Addr;
 
 use crate::actors::inference::{Answering, InferencePool};
 use crate::actors::persistence::Db;
+use crate::actors::session_manager::messages::Drain;
 use crate::actors::session_manager::{Coalescing, SessionManager};
 use crate::auth::JwtKeys;
 use crate::cache::{AnswerCache, MemoryCache, MEMORY_CACHE_ENTRIES};
@@ -21,11 +22,9 @@ use crate::db;
 use crate::providers;
 use crate::providers::metrics::AiMetrics;
 use crate::providers::resilient::{Policy, Resilient};
+use crate::ratelimit::{self, RateLimits};
 use crate::routes;
 use crate::telemetry::RequestId;
-
-/// How long a stopping server waits for open requests before closing them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// What every handler can reach.
 pub struct AppState {
@@ -35,11 +34,14 @@ pub struct AppState {
     pub manager: Addr<SessionManager>,
     /// The AI providers behind their retry and breaker policy.
     pub ai: Arc<Resilient>,
+    pub limits: Arc<RateLimits>,
 }
 
 pub struct Application {
     port: u16,
     server: Server,
+    manager: Addr<SessionManager>,
+    shutdown_timeout: Duration,
 }
 
 impl Application {
@@ -118,12 +120,14 @@ impl Application {
                 pause: settings.ai.batch_timeout.get(),
             },
         );
+        let shutdown_timeout = settings.server.shutdown_timeout.get();
         let state = web::Data::new(AppState {
             jwt: JwtKeys::new(&settings.auth)?,
             settings: Arc::new(settings.clone()),
             db,
-            manager,
+            manager: manager.clone(),
             ai,
+            limits: Arc::new(RateLimits::new(&settings.rate_limit)),
         });
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -134,16 +138,26 @@ impl Application {
             let route_settings = route_settings.clone();
             App::new()
                 .app_data(state.clone())
+                .wrap(actix_web::middleware::from_fn(
+                    ratelimit::http::limit_sign_in,
+                ))
                 .wrap(routes::json_errors())
                 .wrap(RequestId)
                 .configure(move |cfg| routes::configure(cfg, &route_settings))
         })
         .listen(listener)?
         .workers(workers)
-        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        // Signals are ours: the sockets and answers drain before the HTTP server stops.
+        .disable_signals()
+        .shutdown_timeout(shutdown_timeout.as_secs().max(1))
         .run();
         log::info!("listening on {address} (port {port})");
-        Ok(Application { port, server })
+        Ok(Application {
+            port,
+            server,
+            manager,
+            shutdown_timeout,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -157,6 +171,61 @@ impl Application {
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
+    }
+
+    /// Runs until SIGTERM or SIGINT, then drains: stops accepting connections, interrupts
+    /// the answers in flight (stored as interrupted), waits for every pending write, closes
+    /// each WebSocket with a reason, and lets open HTTP requests finish. Each wait is bounded
+    /// by `server.shutdown_timeout`.
+    pub async fn run_until_signalled(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        // The server future also answers `pause` and `stop`: it keeps running on its own.
+        let mut server = actix_rt::spawn(self.server);
+        tokio::select! {
+            stopped = &mut server => {
+                return stopped
+                    .context("the HTTP server task failed")?
+                    .context("running the HTTP server")
+            }
+            signal = shutdown_signal() => log::info!("{}: shutting down", signal?),
+        }
+        handle.pause().await;
+        let (done, drained) = tokio::sync::oneshot::channel();
+        self.manager.do_send(Drain {
+            grace: self.shutdown_timeout,
+            done,
+        });
+        // The manager keeps its own deadline; this one only guards against it being gone.
+        let margin = self.shutdown_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(margin, drained).await.is_err() {
+            log::warn!("the conversations did not drain in time");
+        }
+        handle.stop(true).await;
+        server
+            .await
+            .context("the HTTP server task failed")?
+            .context("stopping the HTTP server")
+    }
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C); returns its name.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        Ok(tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("listening for Ctrl-C")?;
+        Ok("Ctrl-C")
     }
 }
 

@@ -87,14 +87,15 @@ impl DbUrl {
             Backend::Sqlite => format!("sqlite://{}", self.target),
             Backend::Postgres => match (self.target.find("://"), self.target.rfind('@')) {
                 (Some(scheme), Some(at)) if at > scheme => {
-                    let userinfo = &self.target[scheme + 3..at];
-                    let user = userinfo.split(':').next().unwrap_or("");
-                    format!(
-                        "{}{}:***{}",
-                        &self.target[..scheme + 3],
-                        user,
-                        &self.target[at..]
-                    )
+                    match self.target[scheme + 3..at].split_once(':') {
+                        Some((user, _password)) => format!(
+                            "{}{}:***{}",
+                            &self.target[..scheme + 3],
+                            user,
+                            &self.target[at..]
+                        ),
+                        None => self.target.clone(),
+                    }
                 }
                 _ => self.target.clone(),
             },
@@ -171,13 +172,16 @@ pub fn build_pool(settings: &DatabaseSettings) -> anyhow::Result<(DbPool, Backen
     let backend = url.backend;
     let redacted = url.redacted();
     let manager = ConnectionManager::new(url, settings.busy_timeout.get());
-    if backend == Backend::Sqlite {
-        // WAL is a property of the file: set it once here, before the pool opens several
-        // connections at the same moment and they race for the lock it needs.
-        manager
-            .establish()
-            .with_context(|| format!("opening {redacted}"))?;
-    }
+    // One connection first, alone. SQLite: WAL is a property of the file, set here before the
+    // pool opens several connections at the same moment and they race for the lock it needs.
+    // PostgreSQL: a server that is down or a wrong URL fails at once with the driver's reason,
+    // instead of after DB_ACQUIRE_TIMEOUT of retries by the pool.
+    manager.establish().with_context(|| match backend {
+        Backend::Sqlite => format!("opening {redacted}"),
+        Backend::Postgres => {
+            format!("connecting to {redacted}; is the database running and DATABASE_URL right?")
+        }
+    })?;
     let pool = r2d2::Pool::builder()
         .max_size(settings.max_open_conns)
         .min_idle(Some(settings.max_idle_conns))
@@ -258,6 +262,13 @@ mod tests {
     fn passwords_are_redacted() {
         let url = DbUrl::parse("postgres://chat_user:hunter2@db:5432/chat").unwrap();
         assert_eq!(url.redacted(), "postgres://chat_user:***@db:5432/chat");
+        let url = DbUrl::parse("postgres://postgres@127.0.0.1:5432/chat").unwrap();
+        assert_eq!(url.redacted(), "postgres://postgres@127.0.0.1:5432/chat");
+        let url = DbUrl::parse("postgres://chat_user:@db/chat?sslmode=disable").unwrap();
+        assert_eq!(
+            url.redacted(),
+            "postgres://chat_user:***@db/chat?sslmode=disable"
+        );
     }
 
     /// The two migration trees must hold the same migrations under the same names.

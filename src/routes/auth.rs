@@ -1,9 +1,9 @@
 //! Sign-in, token refresh and guest identities.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{password, TokenKind, TokenPair};
+use crate::auth::{bearer_token, password, TokenKind, TokenPair};
 use crate::db::models::token::{self, Consumed};
 use crate::db::models::{user, User};
 use crate::error::ApiError;
@@ -12,9 +12,9 @@ use crate::startup::AppState;
 const MAX_EMAIL_LEN: usize = 254;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/auth/login", web::post().to(login))
-        .route("/auth/refresh", web::post().to(refresh))
-        .route("/auth/guest", web::post().to(guest));
+    cfg.service(web::resource("/auth/login").post(login))
+        .service(web::resource("/auth/refresh").post(refresh))
+        .service(web::resource("/auth/guest").post(guest));
 }
 
 #[derive(Deserialize)]
@@ -65,7 +65,12 @@ async fn login(
 ) -> Result<HttpResponse, ApiError> {
     let LoginRequest { email, password } = body.into_inner();
     let email = email.trim().to_lowercase();
-    if email.is_empty() || email.len() > MAX_EMAIL_LEN || password.len() > password::MAX_LEN {
+    // No stored email holds NUL, and PostgreSQL refuses it in a query: a plain wrong sign-in.
+    if email.is_empty()
+        || email.len() > MAX_EMAIL_LEN
+        || email.contains('\0')
+        || password.len() > password::MAX_LEN
+    {
         return Err(ApiError::InvalidCredentials);
     }
     let found = state
@@ -93,11 +98,20 @@ async fn login(
     Ok(HttpResponse::Ok().json(sign_in(&state, &user, None).await?))
 }
 
+/// The refresh token comes in the body, `{"refresh_token": "…"}`, or, with no body, as
+/// `Authorization: Bearer <refresh token>` (how the admin dashboard of the first system sent it).
 async fn refresh(
     state: web::Data<AppState>,
-    body: web::Json<RefreshRequest>,
+    req: HttpRequest,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let claims = state.jwt.verify(&body.refresh_token, TokenKind::Refresh)?;
+    let token = match super::optional_json::<RefreshRequest>(&req, &body)? {
+        Some(body) => body.refresh_token,
+        None => bearer_token(&req, false).ok_or(ApiError::Unauthorized(
+            "send {\"refresh_token\": \"…\"} or Authorization: Bearer <refresh token>",
+        ))?,
+    };
+    let claims = state.jwt.verify(&token, TokenKind::Refresh)?;
     let jti = claims.jti.clone();
     let outcome = state.db.run(move |c| Ok(token::consume(c, &jti)?)).await?;
     let user_id = match outcome {

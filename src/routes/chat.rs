@@ -9,7 +9,8 @@
 //! socket, and the request ends with an error instead of holding memory.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -36,12 +37,19 @@ const OUTBOX: usize = 256;
 /// stops waiting: the answer goes on and is stored either way.
 const WAIT_MARGIN: Duration = Duration::from_secs(30);
 
+/// A question refused by a server that is shutting down.
+pub const NOT_STORED: &str =
+    "the server is restarting and did not store this message; send it again in a moment";
+/// A question stored, whose answer the shutdown cut off (what was written is stored).
+const CUT_OFF: &str = "the server is restarting: your message is stored, the answer was cut \
+     off; ask again in a moment";
+
 /// HTTP listeners take ids from the top half of the range, sockets from the bottom.
 static NEXT_LISTENER_ID: AtomicU64 = AtomicU64::new(1 << 63);
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/chat/send", web::post().to(send))
-        .route("/chat/stream", web::post().to(stream_reply));
+    cfg.service(web::resource("/chat/send").post(send))
+        .service(web::resource("/chat/stream").post(stream_reply));
 }
 
 #[derive(Deserialize)]
@@ -69,6 +77,11 @@ enum Event {
     /// The answer failed; `code` is `ai_unavailable` when no provider could start it.
     Failed {
         code: String,
+        message: String,
+    },
+    /// The server closed this listener (it is shutting down): nothing more will come.
+    Closed {
+        code: &'static str,
         message: String,
     },
 }
@@ -122,6 +135,8 @@ struct Listener {
 impl Listener {
     /// Checks the request, joins the conversation and posts the message.
     async fn open(state: &AppState, caller: AuthUser, ask: Ask) -> Result<Listener, ApiError> {
+        // A question is a message: the same per-user budget as every other way of posting.
+        crate::ratelimit::http::enforce(state.limits.messages.check(&caller.id))?;
         if caller.is_staff() {
             return Err(ApiError::Forbidden(
                 "only customers ask the AI consultant; agents post to the conversation",
@@ -140,6 +155,8 @@ impl Listener {
             role: caller.role,
             outbox: tx,
             kick: sink.clone().recipient(),
+            // Counts a socket's unacknowledged sends; a listener sends nothing of its own.
+            pending_acks: Arc::new(AtomicUsize::new(0)),
         });
         state.manager.do_send(Join {
             conn_id,
@@ -172,6 +189,7 @@ impl Listener {
                 return Err(ApiError::NotFound("conversation"))
             }
             Err(AppendFailure::Store) => return Err(ApiError::Unavailable("the message store")),
+            Err(AppendFailure::ShuttingDown) => return Err(ApiError::ShuttingDown(NOT_STORED)),
         };
         let listener = Listener {
             _membership: membership,
@@ -199,6 +217,13 @@ impl Listener {
                 Out::Frame(text) => vec![text],
                 Out::Batch(texts) => texts,
                 Out::Ping | Out::Pong(_) => continue,
+                // Queued behind the last frames (the interrupted answer's `reply_done`).
+                Out::Close(kick) => {
+                    return Some(Event::Closed {
+                        code: kick.code,
+                        message: kick.message,
+                    })
+                }
             };
             for text in frames {
                 let Ok(frame) = serde_json::from_str::<Value>(&text) else {
@@ -313,6 +338,13 @@ async fn send(
                     answer,
                 }));
             }
+            Some(Event::Closed { code, message }) => {
+                log::info!(
+                    "an answer in {} was cut off: {code}: {message}",
+                    listener.session_id
+                );
+                return Err(ApiError::ShuttingDown(CUT_OFF));
+            }
             Some(Event::Failed { code, message }) => {
                 // With text written, the interrupted answer is being stored: wait for it.
                 if !wrote {
@@ -353,10 +385,12 @@ async fn stream_reply(
     let mut listener = Listener::open(&state, caller, body.into_inner()).await?;
     // The first event decides the status: no provider at all is a 503, not an empty stream.
     let first = listener.next().await;
-    if let Some(Event::Failed { code, message }) = &first {
-        if code == AI_UNAVAILABLE {
-            return Err(unavailable(message.clone()));
+    match &first {
+        Some(Event::Failed { code, message }) if code == AI_UNAVAILABLE => {
+            return Err(unavailable(message.clone()))
         }
+        Some(Event::Closed { .. }) => return Err(ApiError::ShuttingDown(CUT_OFF)),
+        _ => {}
     }
     let head = sse("message", &json!(listener.asked));
     let events = stream::unfold(
@@ -381,6 +415,13 @@ async fn stream_reply(
                 Some(Event::Failed { code, message }) => (
                     sse("error", &json!({ "code": code, "message": message })),
                     false,
+                ),
+                Some(Event::Closed { .. }) => (
+                    sse(
+                        "error",
+                        &json!({"code": "shutting_down", "message": CUT_OFF}),
+                    ),
+                    true,
                 ),
                 None => (
                     sse(

@@ -12,13 +12,13 @@ use crate::error::ApiError;
 use crate::startup::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/llm/models", web::get().to(models))
-        .route("/llm/providers", web::get().to(providers))
-        .route("/llm/active-model", web::post().to(set_active_model));
+    cfg.service(web::resource("/llm/models").get(models))
+        .service(web::resource("/llm/providers").get(providers))
+        .service(web::resource("/llm/active-model").post(set_active_model));
 }
 
 pub fn admin_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/chat/metrics/ai", web::get().to(metrics));
+    cfg.service(web::resource("/admin/chat/metrics/ai").get(metrics));
 }
 
 async fn models(state: web::Data<AppState>, _: AuthUser) -> HttpResponse {

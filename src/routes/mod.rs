@@ -2,6 +2,9 @@
 //!
 //! The canonical API lives under `/api/v1/`; the chat-studio paths under `/api/` are thin
 //! aliases onto the same handlers.
+//!
+//! Each path is one `web::resource` holding all its methods, so that a known path asked with
+//! another method answers 405 with `Allow` instead of falling through to 404.
 
 mod auth;
 mod chat;
@@ -15,7 +18,8 @@ use actix_web::dev::ServiceResponse;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::header;
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::mime;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 
 use crate::config::Settings;
 use crate::error::ApiError;
@@ -30,7 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
     .app_data(web::PayloadConfig::default().limit(limit))
     .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e).into()))
     .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e).into()))
-    .route("/health", web::get().to(health::health))
+    .service(web::resource("/health").get(health::health))
     .service(
         web::scope("/api/v1")
             .configure(auth::routes)
@@ -44,6 +48,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
     )
     .service(
         web::scope("/api")
+            .service(web::resource("/health").get(health::health))
             .configure(sessions::routes)
             .configure(chat::routes)
             .configure(llm::routes),
@@ -57,7 +62,8 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 }
 
 /// Rewrites error responses that actix produced itself (a body over the payload limit, a method
-/// a route does not take) into the same JSON shape as every other error.
+/// a route does not take) into the same JSON shape as every other error, keeping their headers
+/// (`Allow` on a 405).
 pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
     ErrorHandlers::new().default_handler(|res: ServiceResponse<B>| {
         let is_json = res
@@ -80,10 +86,26 @@ pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
             s if s >= 500 => "internal",
             _ => "error",
         };
-        let message = status.canonical_reason().unwrap_or("error").to_string();
-        let (req, _) = res.into_parts();
-        let body = HttpResponse::build(status)
-            .json(serde_json::json!({ "error": code, "message": message }));
+        let allowed = res
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty());
+        let message = match allowed {
+            Some(allowed) if status.as_u16() == 405 => format!(
+                "{} is not allowed on this path; it takes {allowed}",
+                res.request().method()
+            ),
+            _ => status.canonical_reason().unwrap_or("error").to_string(),
+        };
+        let (req, original) = res.into_parts();
+        let mut body = HttpResponse::build(status);
+        for (name, value) in original.headers() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                body.append_header((name.clone(), value.clone()));
+            }
+        }
+        let body = body.json(serde_json::json!({ "error": code, "message": message }));
         Ok(ErrorHandlerResponse::Response(
             ServiceResponse::new(req, body).map_into_right_body(),
         ))
@@ -95,9 +117,7 @@ fn json_error(e: JsonPayloadError, limit: usize) -> ApiError {
         JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
             ApiError::PayloadTooLarge(limit)
         }
-        JsonPayloadError::ContentType => ApiError::InvalidJson(
-            "send the body as JSON with Content-Type: application/json".into(),
-        ),
+        JsonPayloadError::ContentType => ApiError::UnsupportedMediaType,
         JsonPayloadError::Deserialize(e) => {
             ApiError::InvalidJson(format!("the body is not valid: {e}"))
         }
@@ -138,12 +158,25 @@ pub fn page_limit(asked: Option<i64>, settings: &Settings) -> Result<i64, ApiErr
     }
 }
 
-/// A JSON body that may be left out: empty means `T::default()`, anything else must parse.
-pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+/// A JSON body that may be left out: `None` when empty, else it must be sent as JSON (the same
+/// content types `web::Json` takes) and parse.
+pub fn optional_json<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    body: &[u8],
+) -> Result<Option<T>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
+        return Ok(None);
+    }
+    let is_json = req
+        .mime_type()
+        .ok()
+        .flatten()
+        .is_some_and(|mime| mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON));
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
     }
     serde_json::from_slice(body)
+        .map(Some)
         .map_err(|e| ApiError::InvalidJson(format!("the body is not valid: {e}")))
 }
 

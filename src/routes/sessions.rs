@@ -4,7 +4,7 @@
 //! unknown id does. Agents and admins see every conversation and manage them under
 //! `/admin/chat/sessions`.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -21,19 +21,24 @@ use crate::startup::AppState;
 const MAX_TITLE_BYTES: usize = 200;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/chat/sessions", web::post().to(create))
-        .route("/chat/sessions", web::get().to(list_own))
-        .route("/chat/sessions/{id}", web::get().to(get))
-        .route("/chat/sessions/{id}/messages", web::get().to(messages))
-        .route("/chat/sessions/{id}/messages", web::post().to(post_message));
+    cfg.service(web::resource("/chat/sessions").post(create).get(list_own))
+        .service(web::resource("/chat/sessions/{id}").get(get))
+        .service(
+            web::resource("/chat/sessions/{id}/messages")
+                .get(messages)
+                .post(post_message),
+        );
 }
 
 pub fn admin_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/admin/chat/sessions", web::get().to(list_all))
-        .route("/admin/chat/sessions/{id}", web::get().to(admin_get))
-        .route("/admin/chat/sessions/{id}", web::delete().to(delete))
-        .route("/admin/chat/sessions/{id}/close", web::post().to(close))
-        .route("/admin/chat/sessions/{id}/restore", web::post().to(restore));
+    cfg.service(web::resource("/admin/chat/sessions").get(list_all))
+        .service(
+            web::resource("/admin/chat/sessions/{id}")
+                .get(admin_get)
+                .delete(delete),
+        )
+        .service(web::resource("/admin/chat/sessions/{id}/close").post(close))
+        .service(web::resource("/admin/chat/sessions/{id}/restore").post(restore));
 }
 
 #[derive(Deserialize, Default)]
@@ -85,10 +90,11 @@ struct NewPost {
 async fn create(
     state: web::Data<AppState>,
     caller: AuthUser,
+    req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     // The body is optional: no body means an untitled conversation.
-    let body: CreateSession = super::optional_json(&body)?;
+    let body: CreateSession = super::optional_json(&req, &body)?.unwrap_or_default();
     let title = body.title.unwrap_or_default();
     check_field("title", &title, MAX_TITLE_BYTES)?;
     let id = uuid::Uuid::new_v4().to_string();
@@ -216,6 +222,7 @@ async fn post_message(
     path: web::Path<String>,
     body: web::Json<NewPost>,
 ) -> Result<HttpResponse, ApiError> {
+    crate::ratelimit::http::enforce(state.limits.messages.check(&caller.id))?;
     let found = visible_session(&state, &caller, path.into_inner()).await?;
     let NewPost {
         content,
@@ -259,6 +266,7 @@ async fn post_message(
             Err(ApiError::NotFound("conversation"))
         }
         Err(AppendFailure::Store) => Err(ApiError::Unavailable("the message store")),
+        Err(AppendFailure::ShuttingDown) => Err(ApiError::ShuttingDown(super::chat::NOT_STORED)),
     }
 }
 
@@ -291,6 +299,7 @@ async fn change_status(
     id: String,
     status: &'static str,
 ) -> Result<HttpResponse, ApiError> {
+    let id = plausible_id(id)?;
     let window = chrono::Duration::from_std(state.settings.chat.restore_window.get())
         .unwrap_or_else(|_| chrono::Duration::days(7));
     match state
@@ -306,6 +315,15 @@ async fn change_status(
     }
 }
 
+/// A conversation id from a path, or "not found" for one no conversation can have: longer than
+/// any id this server makes, or holding NUL, which PostgreSQL refuses in a query.
+fn plausible_id(id: String) -> Result<String, ApiError> {
+    if id.len() > 64 || id.contains('\0') {
+        return Err(ApiError::NotFound("conversation"));
+    }
+    Ok(id)
+}
+
 /// The conversation, if the caller may see it: its owner (unless deleted), or staff.
 /// Anything else is "not found", so that ids cannot be probed.
 pub async fn visible_session(
@@ -313,9 +331,7 @@ pub async fn visible_session(
     caller: &AuthUser,
     id: String,
 ) -> Result<ChatSession, ApiError> {
-    if id.len() > 64 {
-        return Err(ApiError::NotFound("conversation"));
-    }
+    let id = plausible_id(id)?;
     let found = state
         .db
         .run(move |c| Ok(session::find(c, &id)?))
@@ -345,6 +361,9 @@ fn decode_cursor(raw: &str) -> Result<Cursor, ApiError> {
     let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let (micros, id) = text.split_once('|').ok_or_else(bad)?;
+    if id.contains('\0') {
+        return Err(bad());
+    }
     let micros: i64 = micros.parse().map_err(|_| bad())?;
     let created_at = chrono::DateTime::from_timestamp_micros(micros)
         .ok_or_else(bad)?

@@ -9,8 +9,8 @@ use crate::error::ApiError;
 use crate::startup::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/users/me", web::get().to(me))
-        .route("/admin/users/me", web::get().to(admin_me));
+    cfg.service(web::resource("/users/me").get(me))
+        .service(web::resource("/admin/users/me").get(admin_me));
 }
 
 async fn me(state: web::Data<AppState>, caller: AuthUser) -> Result<HttpResponse, ApiError> {

@@ -14,8 +14,8 @@ use crate::protocol::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX};
 use crate::startup::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/chat/ws", web::get().to(customer))
-        .route("/admin/chat/ws", web::get().to(staff));
+    cfg.service(web::resource("/chat/ws").get(customer))
+        .service(web::resource("/admin/chat/ws").get(staff));
 }
 
 async fn customer(
@@ -62,6 +62,8 @@ async fn upgrade(
         heartbeat_interval: realtime.heartbeat_interval.get(),
         client_timeout: realtime.client_timeout.get(),
         max_message_bytes: state.settings.chat.max_message_bytes,
+        max_pending_acks: realtime.max_pending_acks,
+        rates: state.limits.clone(),
     };
     log::info!(
         "{} {} connected over WebSocket",

@@ -475,3 +475,72 @@ pub async fn assert_error(res: Response, status: u16, code: &str) -> Value {
     );
     body
 }
+
+/// Rows in each table, to check that refused input changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub users: i64,
+    pub sessions: i64,
+    pub messages: i64,
+    pub refresh_tokens: i64,
+}
+
+impl TestApp {
+    /// A request to `path` with `Authorization: Bearer <token>` when a token is given; the
+    /// caller adds a body or headers and sends it.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let builder = self.client.request(method, self.url(path));
+        match token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    /// How many rows each table holds, read from the database.
+    pub async fn counts(&self) -> Counts {
+        use switchboard::db::schema::{chat_messages, chat_sessions, refresh_tokens, users};
+        self.with_db(|c| {
+            use diesel::QueryDsl;
+            Counts {
+                users: users::table.count().get_result(c).expect("counting users"),
+                sessions: chat_sessions::table
+                    .count()
+                    .get_result(c)
+                    .expect("counting conversations"),
+                messages: chat_messages::table
+                    .count()
+                    .get_result(c)
+                    .expect("counting messages"),
+                refresh_tokens: refresh_tokens::table
+                    .count()
+                    .get_result(c)
+                    .expect("counting refresh tokens"),
+            }
+        })
+        .await
+    }
+
+    /// A customer's conversation as staff see it (`GET /admin/chat/sessions/{id}`).
+    pub async fn session_as_staff(&self, staff_token: &str, session_id: &str) -> Value {
+        let res = self
+            .get(
+                &format!("/api/v1/admin/chat/sessions/{session_id}"),
+                staff_token,
+            )
+            .await;
+        expect_json(res, 200).await
+    }
+}
+
+/// The `id` field of a JSON object, as text.
+pub fn id_of(value: &Value) -> String {
+    value["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {value}"))
+        .to_string()
+}

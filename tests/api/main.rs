@@ -1,8 +1,17 @@
 mod ai_http;
 mod ai_turns;
+mod auth;
+mod bad_input;
+mod cli;
 mod fake_http;
+mod health;
 mod helpers;
+mod memory;
+mod operator;
 mod providers;
+mod ratelimit;
 mod realtime;
 mod resilience;
+mod sessions;
+mod shutdown;
 mod ws;

@@ -556,7 +556,13 @@ async fn many_customers_at_once_get_every_message_acked_and_stored_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_dropped_without_slowing_others() {
     const SENT: usize = 1500;
-    let app = spawn_app_with(|s| s.realtime.outbound_queue = 8).await;
+    let app = spawn_app_with(|s| {
+        s.realtime.outbound_queue = 8;
+        // One user writing 1500 messages as fast as they are acked is a flood by default.
+        s.rate_limit.messages_per_minute = 0;
+        s.rate_limit.ws_frames_per_second = 0;
+    })
+    .await;
     let (token_a, _, sid_a) = customer_with_session(&app).await;
     let (token_b, _, sid_b) = customer_with_session(&app).await;
 
@@ -841,4 +847,225 @@ async fn resuming_while_an_answer_is_being_stored_repeats_no_seq() {
             "round {round}: {frames:?}"
         );
     }
+}
+
+/// Holds the write lock on the conversation table from outside the server until the returned
+/// sender is dropped or sent to: stores wait, reads go on.
+pub(crate) fn hold_write_lock(db_url: &str) -> std::sync::mpsc::Sender<()> {
+    use diesel::connection::SimpleConnection;
+    let mut conn = crate::helpers::connect(db_url);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let lock = match crate::helpers::backend_name() {
+            // Blocks the UPDATE every store starts with; SELECT still runs.
+            "postgres" => "BEGIN; LOCK TABLE chat_sessions IN EXCLUSIVE MODE;",
+            // WAL mode: one writer at a time, readers go on.
+            _ => "BEGIN IMMEDIATE;",
+        };
+        conn.batch_execute(lock).expect("taking the write lock");
+        locked.send(()).unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(30));
+        conn.batch_execute("COMMIT;")
+            .expect("releasing the write lock");
+    });
+    is_locked
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the write lock was not taken");
+    release
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_while_the_answer_is_committing_delivers_it_once() {
+    // One database thread: the replay's read queues behind the held-up store of the answer,
+    // so the replay reads the answer as a stored message while the live `token` catch-up and
+    // `reply_done` for the same answer wait in the resume's hold queue.
+    let app = spawn_app_with(|s| {
+        s.ai.demo_token_delay = millis(2);
+        s.database.max_open_conns = 1;
+        s.database.max_idle_conns = 1;
+        s.database.busy_timeout = HumanDuration::from_secs(20);
+    })
+    .await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "c-1", "what are your opening hours?")
+        .await;
+    let ack = ws.next_of("ack").await;
+    assert_eq!(ack["seq"], 1, "{ack}");
+
+    let release = hold_write_lock(&app.db_url);
+    let mut so_far = String::new();
+    let streamed = ws
+        .until(|f| {
+            so_far.push_str(f["delta"].as_str().unwrap_or(""));
+            so_far.ends_with("at any time.")
+        })
+        .await;
+    let answer = tokens_text(&streamed);
+    // The provider ends its stream a moment after the last token; the answer then waits on
+    // the lock to be stored. Resume only once it is waiting (a resume that lands earlier
+    // makes this test pass without proving anything, never fail).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.resume(&sid, 1).await;
+    // Let the finished answer's store and the replay's read queue up behind the lock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release.send(()).unwrap();
+
+    let mut frames = ws.until(|f| f["type"] == "resumed").await;
+    frames.extend(ws.ping("fence").await);
+    if !seqs(&frames).contains(&2) {
+        frames.extend(ws.until(|f| f["type"] == "reply_done").await);
+    }
+    assert_eq!(seqs(&frames), vec![2], "the answer once: {frames:?}");
+    if let Some(at) = frames.iter().position(|f| f["type"] == "message") {
+        assert_eq!(frames[at]["content"].as_str().unwrap(), answer);
+        let repeated: Vec<&Value> = frames[at..]
+            .iter()
+            .filter(|f| f["type"] == "token")
+            .collect();
+        assert!(
+            repeated.is_empty(),
+            "tokens after the stored answer: {frames:?}"
+        );
+    } else {
+        assert_eq!(tokens_text(&frames), answer, "{frames:?}");
+    }
+    assert_eq!(
+        stored(&app, &token, &sid, 2).await["content"],
+        answer.as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_resume_past_the_end_or_twice_still_gets_every_event_once() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(0)).await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "p-1", "hello").await;
+    let frames = ws.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(seqs(&frames), vec![1, 2]);
+    drop(ws);
+
+    // A client that claims more than exists is told where the history ends, and what is
+    // stored from there on reaches it.
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.resume(&sid, 50).await;
+    let resumed = ws.next_of("resumed").await;
+    assert_eq!(resumed["last_seq"], 2, "{resumed}");
+    let res = app.post_message(&token, &sid, "still there?", None).await;
+    expect_json(res, 201).await;
+    let live = ws.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(seqs(&live), vec![3, 4], "{live:?}");
+
+    // Many resumes back to back, then a live message: whichever way the replays interleave,
+    // the last one runs from its own `after_seq` to the live events without a gap or a
+    // repeat.
+    for _ in 0..30 {
+        ws.feed(&json!({"type": "resume", "session_id": sid, "after_seq": 0}))
+            .await;
+    }
+    ws.feed(&json!({"type": "resume", "session_id": sid, "after_seq": 2}))
+        .await;
+    ws.flush().await;
+    let res = app.post_message(&token, &sid, "and now?", None).await;
+    expect_json(res, 201).await;
+    let frames = ws
+        .until(|f| f["type"] == "reply_done" && f["seq"] == 6)
+        .await;
+    let all = seqs(&frames);
+    let from = all
+        .iter()
+        .rposition(|s| *s == 3)
+        .unwrap_or_else(|| panic!("the second replay is missing: {frames:?}"));
+    assert_eq!(all[from..], [3, 4, 5, 6], "{frames:?}");
+    let resumed: Vec<&Value> = frames.iter().filter(|f| f["type"] == "resumed").collect();
+    assert!((1..=31).contains(&resumed.len()), "{frames:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_past_the_pending_ack_limit_are_refused_until_acks_come_back() {
+    let app = spawn_app_with(|s| {
+        s.realtime.max_pending_acks = 2;
+        s.database.busy_timeout = HumanDuration::from_secs(20);
+    })
+    .await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    // The access check is done once, before the store is held up.
+    ws.send_message(&sid, "first", "hello").await;
+    ws.next_of("ack").await;
+    ws.until(|f| f["type"] == "reply_done").await;
+
+    let release = hold_write_lock(&app.db_url);
+    for i in 0..3 {
+        ws.feed(&json!({
+            "type": "send", "session_id": sid, "client_id": format!("p-{i}"), "content": "more"
+        }))
+        .await;
+    }
+    ws.flush().await;
+    let refused = ws.next_of("error").await;
+    assert_eq!(refused["code"], "too_many_pending", "{refused}");
+    assert_eq!(refused["client_id"], "p-2", "{refused}");
+    release.send(()).unwrap();
+    let mut acked = Vec::new();
+    while acked.len() < 2 {
+        let f = ws.next().await;
+        assert_ne!(f["type"], "error", "{f}");
+        if f["type"] == "ack" {
+            acked.push(f["client_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(acked, ["p-0", "p-1"]);
+    // With the acks back, sending works again.
+    ws.send_message(&sid, "p-2", "more").await;
+    let ack = ws.next_of("ack").await;
+    assert_eq!(ack["client_id"], "p-2", "{ack}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fails_is_reported_to_the_sender_and_nothing_is_acked() {
+    let app = spawn_app_with(|s| {
+        // The held lock makes the store fail fast instead of waiting for it.
+        s.database.busy_timeout = HumanDuration::from_millis(200);
+        let url = s.database.url.expose().to_string();
+        if url.starts_with("postgres") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            s.database.url = switchboard::config::Secret::new(format!(
+                "{url}{sep}options=-c%20lock_timeout%3D200"
+            ));
+        }
+    })
+    .await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "warm-up", "hello").await;
+    ws.next_of("ack").await;
+    ws.until(|f| f["type"] == "reply_done").await;
+
+    let release = hold_write_lock(&app.db_url);
+    ws.send_message(&sid, "lost-1", "this one cannot be stored")
+        .await;
+    let frames = ws
+        .until(|f| f["type"] == "error" || f["type"] == "ack")
+        .await;
+    release.send(()).unwrap();
+    let e = frames.last().unwrap();
+    assert_eq!(e["type"], "error", "{frames:?}");
+    assert_eq!(e["code"], "store_failed", "{e}");
+    assert_eq!(e["client_id"], "lost-1", "{e}");
+    assert!(frames.iter().all(|f| f["type"] != "message"), "{frames:?}");
+    assert_eq!(
+        app.message_count(&sid).await,
+        2,
+        "only the warm-up and its answer"
+    );
+
+    // Once the database is back, the same message goes through with the next seq.
+    ws.send_message(&sid, "lost-1", "this one cannot be stored")
+        .await;
+    let ack = ws.next_of("ack").await;
+    assert_eq!(ack["seq"], 3, "{ack}");
+    assert_eq!(ack["duplicate"], false, "{ack}");
 }

@@ -1,3 +1,6 @@
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
 use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
@@ -18,6 +21,8 @@ pub enum Out {
     Batch(Vec<ByteString>),
     Ping,
     Pong(actix_web::web::Bytes),
+    /// Say why and close the socket, after whatever was queued before.
+    Close(Kick),
 }
 
 /// The sending half of a connection's bounded outbound queue.
@@ -32,6 +37,8 @@ pub struct Connect {
     pub role: Role,
     pub outbox: Outbox,
     pub kick: Recipient<Kick>,
+    /// The connection's sends not yet settled; counted down as each ack or error is queued.
+    pub pending_acks: Arc<AtomicUsize>,
 }
 
 /// A connection closed: forget it everywhere.
@@ -118,6 +125,8 @@ pub enum AppendFailure {
     Rejected(Rejected),
     /// The database failed; nothing was stored.
     Store,
+    /// The server is shutting down and takes no new messages.
+    ShuttingDown,
 }
 
 /// A batch was committed (or failed); outcomes in the order the messages were posted.
@@ -133,9 +142,18 @@ pub struct Committed {
 pub struct Replayed {
     pub conn_id: ConnId,
     pub session_id: String,
-    /// The seq the page starts after; a page that no longer matches the member is stale.
-    pub after: i64,
-    pub messages: Result<Vec<ChatMessage>, ()>,
+    /// Which `resume` this page was read for; a page for an earlier one is stale.
+    pub replay: u64,
+    pub page: Result<ReplayPage, ()>,
+}
+
+/// One page of a replay.
+#[derive(Debug)]
+pub struct ReplayPage {
+    /// Stored messages after the requested seq, oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// The conversation's last seq when the page was read.
+    pub last_seq: i64,
 }
 
 /// A piece of an AI answer.
@@ -170,4 +188,14 @@ pub struct ReplyFinished {
     pub model: Option<String>,
     /// Output tokens, when the provider counted them.
     pub tokens: Option<i32>,
+}
+
+/// Shut down: take no new messages, interrupt the answers in flight, store everything
+/// pending, then close every socket with a reason. `done` fires when all that is over, or
+/// after `grace` whatever is left.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain {
+    pub grace: std::time::Duration,
+    pub done: oneshot::Sender<()>,
 }

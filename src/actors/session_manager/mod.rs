@@ -12,10 +12,16 @@
 //! Every event is serialised once and the same bytes are queued for every recipient. A
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
 //! else waits for it.
+//!
+//! On shutdown (`Drain`) it takes no new messages or answers, cancels the answers in flight
+//! (stored as interrupted), waits for every write it handed to the committer to be settled
+//! (acked or refused), then queues a close with a reason behind each socket's last frames.
 
 pub mod messages;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -28,6 +34,7 @@ use crate::actors::inference::{InferencePool, StartReply, AI_UNAVAILABLE};
 use crate::actors::persistence::committer::{Append, Committer};
 use crate::actors::persistence::Db;
 use crate::db::models::message::{self, Order, Rejected};
+use crate::db::models::session as sessions;
 use crate::db::models::{serialize_time_string, Appended, ChatMessage, NewMessage, Role};
 use crate::protocol::{MessageView, Peer, ServerFrame};
 
@@ -35,23 +42,77 @@ use crate::protocol::{MessageView, Peer, ServerFrame};
 #[derive(Clone)]
 struct Event {
     text: ByteString,
-    /// The stored message this event shows, if any (`message`, `reply_done`).
-    seq: Option<i64>,
-    /// Only `message` frames are dropped when a replay already delivered them.
-    is_message: bool,
+    kind: EventKind,
+}
+
+/// What an event shows, so that a replay can drop what it already delivered.
+#[derive(Clone)]
+enum EventKind {
+    /// A stored message (`message`).
+    Message { seq: i64 },
+    /// A piece of the answer `reply_id`.
+    Token { reply_id: String },
+    /// The answer `reply_id` is stored as `seq`.
+    ReplyDone { reply_id: String, seq: i64 },
+    /// Presence, errors: delivered as they come.
+    Other,
+}
+
+impl EventKind {
+    /// The stored seq this event shows, if any.
+    fn seq(&self) -> Option<i64> {
+        match self {
+            EventKind::Message { seq } | EventKind::ReplyDone { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    fn of(frame: &ServerFrame) -> EventKind {
+        match frame {
+            ServerFrame::Message(m) => EventKind::Message { seq: m.seq },
+            ServerFrame::Token { reply_id, .. } => EventKind::Token {
+                reply_id: reply_id.clone(),
+            },
+            ServerFrame::ReplyDone { reply_id, seq, .. } => EventKind::ReplyDone {
+                reply_id: reply_id.clone(),
+                seq: *seq,
+            },
+            _ => EventKind::Other,
+        }
+    }
 }
 
 enum MemberState {
     /// Waiting for the replay of stored messages; live events are held here meanwhile.
     Replaying {
+        /// Tells this replay's pages from those of an earlier `resume` of the same member.
+        replay: u64,
         held: Vec<Event>,
+        /// The last page, read while the answer in flight was being stored: it is sent once
+        /// that store is settled, so the replay and the held events agree on whether the
+        /// answer is in the history.
+        last_page: Option<Vec<ByteString>>,
+        read: Read,
     },
     Live,
 }
 
+/// Where a replay's reading of the history stands. One read at a time per member, however
+/// often the client resumes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// This replay's page is being read.
+    InFlight,
+    /// A read for an earlier replay is still out; this one's starts when it is back.
+    Queued,
+    /// The last page is read (and waits in `last_page`).
+    Done,
+}
+
 struct Member {
     state: MemberState,
-    /// Highest seq delivered to this member as a `message`; later copies are skipped.
+    /// Highest stored seq delivered to this member (`message`, `reply_done`); a later copy
+    /// of the same or an older seq is skipped.
     delivered: i64,
 }
 
@@ -61,6 +122,7 @@ struct Connection {
     outbox: Outbox,
     kick: Recipient<Kick>,
     sessions: HashSet<String>,
+    pending_acks: Arc<AtomicUsize>,
 }
 
 enum ReplyState {
@@ -110,6 +172,12 @@ pub struct SessionManager {
     coalescing: Coalescing,
     connections: HashMap<ConnId, Connection>,
     conversations: HashMap<String, Conversation>,
+    /// Numbers each `resume`, so a page read for an earlier one is recognised as stale.
+    next_replay: u64,
+    /// Messages handed to the committer whose outcome has not come back yet.
+    pending_writes: usize,
+    /// Set once shutdown began: who waits for it to end.
+    draining: Option<Vec<oneshot::Sender<()>>>,
 }
 
 impl SessionManager {
@@ -131,6 +199,9 @@ impl SessionManager {
             coalescing,
             connections: HashMap::new(),
             conversations: HashMap::new(),
+            next_replay: 1,
+            pending_writes: 0,
+            draining: None,
         })
     }
 
@@ -189,11 +260,10 @@ impl SessionManager {
     }
 
     /// Sends one event to every member of a conversation, serialised once.
-    fn broadcast(&mut self, session_id: &str, frame: &ServerFrame, seq: Option<i64>) {
+    fn broadcast(&mut self, session_id: &str, frame: &ServerFrame) {
         let event = Event {
             text: ByteString::from(frame.to_text()),
-            seq,
-            is_message: matches!(frame, ServerFrame::Message(_)),
+            kind: EventKind::of(frame),
         };
         let Some(conv) = self.conversations.get_mut(session_id) else {
             return;
@@ -202,17 +272,16 @@ impl SessionManager {
         let mut overflowing = Vec::new();
         for (conn_id, member) in conv.members.iter_mut() {
             match &mut member.state {
-                MemberState::Replaying { held } if held.len() >= self.held_max => {
+                MemberState::Replaying { held, .. } if held.len() >= self.held_max => {
                     overflowing.push(*conn_id)
                 }
-                MemberState::Replaying { held } => held.push(event.clone()),
+                MemberState::Replaying { held, .. } => held.push(event.clone()),
                 MemberState::Live => {
-                    if event.is_message {
-                        let s = seq.unwrap_or(0);
-                        if s <= member.delivered {
+                    if let Some(seq) = event.kind.seq() {
+                        if seq <= member.delivered {
                             continue;
                         }
-                        member.delivered = s;
+                        member.delivered = seq;
                     }
                     deliver.push(*conn_id);
                 }
@@ -249,7 +318,7 @@ impl SessionManager {
             session_id: session_id.to_string(),
             members,
         };
-        self.broadcast(session_id, &frame, None);
+        self.broadcast(session_id, &frame);
     }
 
     /// The answer in flight in a conversation, if it is `reply_id` (any answer when `None`).
@@ -313,6 +382,9 @@ impl SessionManager {
 
     /// Asks the pool for an AI answer in a conversation, unless one is already in flight.
     fn start_reply(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        if self.draining.is_some() {
+            return; // no new answers while shutting down
+        }
         let conv = self
             .conversations
             .entry(session_id.to_string())
@@ -370,6 +442,11 @@ impl SessionManager {
                 "store_failed",
                 "the message could not be stored; it was not delivered, send it again".to_string(),
             ),
+            AppendFailure::ShuttingDown => (
+                "shutting_down",
+                "the server is restarting and did not store this; send it again after reconnecting"
+                    .to_string(),
+            ),
         };
         ServerFrame::Error {
             code: code.into(),
@@ -386,6 +463,14 @@ impl SessionManager {
         outcome: Result<Appended, AppendFailure>,
         ctx: &mut Context<Self>,
     ) {
+        if let Origin::Socket { conn_id, .. } = &origin {
+            if let Some(conn) = self.connections.get(conn_id) {
+                // Saturating: a send that did not come through the counting path is fine.
+                let _ = conn
+                    .pending_acks
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            }
+        }
         match (origin, outcome) {
             (Origin::Socket { conn_id, .. }, Ok(appended)) => {
                 let m = &appended.message;
@@ -446,11 +531,7 @@ impl SessionManager {
             return;
         }
         let m = &appended.message;
-        self.broadcast(
-            &m.session_id,
-            &ServerFrame::Message(Self::message_view(m)),
-            Some(m.seq),
-        );
+        self.broadcast(&m.session_id, &ServerFrame::Message(Self::message_view(m)));
         if m.role == "user" {
             self.customer_wrote(&m.session_id.clone(), ctx);
         }
@@ -465,7 +546,7 @@ impl SessionManager {
             session_id: session_id.to_string(),
             reason: reason.to_string(),
         };
-        self.broadcast(session_id, &frame, None);
+        self.broadcast(session_id, &frame);
     }
 
     fn reply_stored(
@@ -489,16 +570,17 @@ impl SessionManager {
                     seq: m.seq,
                     interrupted: m.interrupted,
                 };
-                self.broadcast(&session_id, &frame, Some(m.seq));
+                self.broadcast(&session_id, &frame);
             }
             Err(failure) => {
                 log::error!(
                     "the AI answer {reply_id} in {session_id} could not be stored: {failure:?}"
                 );
                 let frame = Self::failure_frame(&session_id, None, &failure);
-                self.broadcast(&session_id, &frame, None);
+                self.broadcast(&session_id, &frame);
             }
         }
+        self.finish_waiting_replays(&session_id);
         let pending = self
             .conversations
             .get(&session_id)
@@ -514,10 +596,96 @@ impl Actor for SessionManager {
     type Context = Context<Self>;
 }
 
+impl SessionManager {
+    /// Hands a message to the committer, counting it until its outcome comes back.
+    fn store(&mut self, append: Append) {
+        self.pending_writes += 1;
+        self.committer.do_send(append);
+    }
+
+    /// While shutting down: once no answer is in flight and every write is settled, closes
+    /// every socket (after what is queued for it) and says the drain is over.
+    fn check_drained(&mut self) {
+        if self.draining.is_none()
+            || self.pending_writes > 0
+            || self.conversations.values().any(|c| c.reply.is_some())
+        {
+            return;
+        }
+        self.close_all();
+    }
+
+    fn close_all(&mut self) {
+        let Some(waiting) = self.draining.as_mut().map(std::mem::take) else {
+            return;
+        };
+        for conn in self.connections.values() {
+            let kick = Kick {
+                code: "shutdown",
+                message: "the server is restarting; reconnect and resume".into(),
+            };
+            // Behind the frames already queued (the last `reply_done`s); a socket with no
+            // room left is closed at once.
+            if conn.outbox.try_send(Out::Close(kick.clone())).is_err() {
+                conn.kick.do_send(kick);
+            }
+        }
+        // Nobody is told who left: everybody is leaving.
+        self.connections.clear();
+        self.conversations.clear();
+        for done in waiting {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Handler<Drain> for SessionManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) {
+        let first = self.draining.is_none();
+        self.draining.get_or_insert_with(Vec::new).push(msg.done);
+        if !first {
+            return;
+        }
+        log::info!(
+            "shutting down: interrupting {} answer(s), storing {} pending message(s)",
+            self.conversations
+                .values()
+                .filter(|c| c.reply.is_some())
+                .count(),
+            self.pending_writes
+        );
+        for conv in self.conversations.values_mut() {
+            conv.turn_pending = false;
+            if let Some(cancel) = conv.reply.as_mut().and_then(|r| r.cancel.take()) {
+                let _ = cancel.send(());
+            }
+        }
+        ctx.run_later(msg.grace, |act, _| {
+            if act.draining.as_ref().is_some_and(|w| !w.is_empty()) {
+                log::warn!(
+                    "shutdown grace period over with {} message(s) still being stored; closing sockets",
+                    act.pending_writes
+                );
+                act.close_all();
+            }
+        });
+        self.check_drained();
+    }
+}
+
 impl Handler<Connect> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, _: &mut Context<Self>) {
+        if self.draining.is_some() {
+            msg.kick.do_send(Kick {
+                code: "shutdown",
+                message: "the server is restarting; reconnect and resume".into(),
+            });
+            return;
+        }
         self.connections.insert(
             msg.conn_id,
             Connection {
@@ -526,6 +694,7 @@ impl Handler<Connect> for SessionManager {
                 outbox: msg.outbox,
                 kick: msg.kick,
                 sessions: HashSet::new(),
+                pending_acks: msg.pending_acks,
             },
         );
     }
@@ -568,7 +737,8 @@ impl Handler<Join> for SessionManager {
             return;
         };
         let mut held = Vec::new();
-        // An answer being written: the joiner first gets what was written so far.
+        // An answer being written: the joiner first gets what was written so far. If the
+        // replay turns out to hold that answer already stored, this is dropped.
         if let Some(reply) = conv.reply.as_ref().filter(|r| !r.text.is_empty()) {
             let frame = ServerFrame::Token {
                 session_id: session_id.clone(),
@@ -577,21 +747,41 @@ impl Handler<Join> for SessionManager {
             };
             held.push(Event {
                 text: ByteString::from(frame.to_text()),
-                seq: None,
-                is_message: false,
+                kind: EventKind::of(&frame),
             });
         }
+        let replay = self.next_replay;
+        self.next_replay += 1;
+        // A second `resume` replaces the first: its held events and pages are dropped, and
+        // this one reads the history again from its own `after_seq` once the read in flight
+        // (if any) is back, so resuming over and over costs one read at a time.
+        let busy = conv.members.get(&conn_id).is_some_and(|m| {
+            matches!(
+                m.state,
+                MemberState::Replaying {
+                    read: Read::InFlight | Read::Queued,
+                    ..
+                }
+            )
+        });
         conv.members.insert(
             conn_id,
             Member {
-                state: MemberState::Replaying { held },
+                state: MemberState::Replaying {
+                    replay,
+                    held,
+                    last_page: None,
+                    read: if busy { Read::Queued } else { Read::InFlight },
+                },
                 delivered: after_seq,
             },
         );
         if newly_joined {
             self.announce_presence(&session_id);
         }
-        self.fetch_replay(conn_id, session_id, after_seq, ctx);
+        if !busy {
+            self.fetch_replay(conn_id, session_id, replay, after_seq, ctx);
+        }
     }
 }
 
@@ -601,6 +791,7 @@ impl SessionManager {
         &self,
         conn_id: ConnId,
         session_id: String,
+        replay: u64,
         after: i64,
         ctx: &mut Context<Self>,
     ) {
@@ -609,17 +800,90 @@ impl SessionManager {
         let me = ctx.address();
         actix::spawn(async move {
             let sid = session_id.clone();
-            let messages = db
-                .run(move |c| Ok(message::page(c, &sid, Order::Asc, Some(after), limit)?))
+            let page = db
+                .run(move |c| {
+                    // Read first, so a message stored between the two reads is in `last_seq`
+                    // and never taken for one beyond the end.
+                    let last_seq = sessions::find(c, &sid)?.map_or(0, |s| s.last_seq);
+                    let messages = message::page(c, &sid, Order::Asc, Some(after), limit)?;
+                    Ok(ReplayPage { messages, last_seq })
+                })
                 .await
                 .map_err(|e| log::error!("replaying {session_id} failed: {e}"));
             me.do_send(Replayed {
                 conn_id,
                 session_id,
-                after,
-                messages,
+                replay,
+                page,
             });
         });
+    }
+
+    /// Sends a replaying member the last page of its replay, `resumed`, then the live events
+    /// held meanwhile, less those the replay already holds; the member is live from here.
+    fn finish_replay(&mut self, conn_id: ConnId, session_id: &str, mut batch: Vec<ByteString>) {
+        let Some(member) = self
+            .conversations
+            .get_mut(session_id)
+            .and_then(|c| c.members.get_mut(&conn_id))
+        else {
+            return;
+        };
+        let MemberState::Replaying { held, .. } =
+            std::mem::replace(&mut member.state, MemberState::Live)
+        else {
+            return;
+        };
+        batch.push(ByteString::from(
+            ServerFrame::Resumed {
+                session_id: session_id.to_string(),
+                last_seq: member.delivered,
+            }
+            .to_text(),
+        ));
+        // Answers the replay gave as stored messages: their held tokens are repeats too.
+        let stored: HashSet<&str> = held
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::ReplyDone { reply_id, seq } if *seq <= member.delivered => {
+                    Some(reply_id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let mut delivered = member.delivered;
+        for event in &held {
+            match &event.kind {
+                EventKind::Token { reply_id } if stored.contains(reply_id.as_str()) => continue,
+                kind => match kind.seq() {
+                    Some(seq) if seq <= delivered => continue,
+                    Some(seq) => delivered = seq,
+                    None => {}
+                },
+            }
+            batch.push(event.text.clone());
+        }
+        member.delivered = delivered;
+        self.push(conn_id, Out::Batch(batch));
+    }
+
+    /// The answer in flight in `session_id` is settled: members whose replay waited for it
+    /// get the rest of it now.
+    fn finish_waiting_replays(&mut self, session_id: &str) {
+        let Some(conv) = self.conversations.get_mut(session_id) else {
+            return;
+        };
+        let waiting: Vec<(ConnId, Vec<ByteString>)> = conv
+            .members
+            .iter_mut()
+            .filter_map(|(id, m)| match &mut m.state {
+                MemberState::Replaying { last_page, .. } => last_page.take().map(|p| (*id, p)),
+                MemberState::Live => None,
+            })
+            .collect();
+        for (conn_id, page) in waiting {
+            self.finish_replay(conn_id, session_id, page);
+        }
     }
 }
 
@@ -628,17 +892,31 @@ impl Handler<Replayed> for SessionManager {
 
     fn handle(&mut self, msg: Replayed, ctx: &mut Context<Self>) {
         let resume_max = self.resume_max;
-        let Some(member) = self
-            .conversations
-            .get_mut(&msg.session_id)
-            .and_then(|c| c.members.get_mut(&msg.conn_id))
-        else {
+        let Some(conv) = self.conversations.get_mut(&msg.session_id) else {
             return;
         };
-        if !matches!(member.state, MemberState::Replaying { .. }) || member.delivered != msg.after {
-            return; // stale: a newer resume replaced this one
+        let answer_storing = conv
+            .reply
+            .as_ref()
+            .is_some_and(|r| matches!(r.state, ReplyState::Committing));
+        let Some(member) = conv.members.get_mut(&msg.conn_id) else {
+            return;
+        };
+        match &mut member.state {
+            MemberState::Replaying { replay, .. } if *replay == msg.replay => {}
+            MemberState::Replaying { replay, read, .. } => {
+                // Stale: a newer resume replaced the one this page was read for. If that
+                // one's read waited for this one, it starts now.
+                if *read == Read::Queued {
+                    *read = Read::InFlight;
+                    let (replay, after) = (*replay, member.delivered);
+                    self.fetch_replay(msg.conn_id, msg.session_id, replay, after, ctx);
+                }
+                return;
+            }
+            MemberState::Live => return,
         }
-        let Ok(messages) = msg.messages else {
+        let Ok(ReplayPage { messages, last_seq }) = msg.page else {
             member.state = MemberState::Live;
             let frame = ServerFrame::Error {
                 code: "resume_failed".into(),
@@ -657,37 +935,31 @@ impl Handler<Replayed> for SessionManager {
             ));
             member.delivered = m.seq;
         }
+        if messages.is_empty() && member.delivered > last_seq {
+            // `after_seq` beyond the end: live events from the real end on must not be
+            // taken for ones already seen.
+            member.delivered = last_seq;
+        }
         if full_page {
             // More may follow: send this page and read the next, still holding live events.
             let after = member.delivered;
             self.push(msg.conn_id, Out::Batch(batch));
-            self.fetch_replay(msg.conn_id, msg.session_id, after, ctx);
+            self.fetch_replay(msg.conn_id, msg.session_id, msg.replay, after, ctx);
             return;
         }
-        let MemberState::Replaying { held } =
-            std::mem::replace(&mut member.state, MemberState::Live)
-        else {
+        if answer_storing {
+            // Whether this page holds the answer being stored is unknown until its store
+            // is settled; hold the page until then (`finish_waiting_replays`).
+            if let MemberState::Replaying {
+                last_page, read, ..
+            } = &mut member.state
+            {
+                *last_page = Some(batch);
+                *read = Read::Done;
+            }
             return;
-        };
-        batch.push(ByteString::from(
-            ServerFrame::Resumed {
-                session_id: msg.session_id.clone(),
-                last_seq: member.delivered,
-            }
-            .to_text(),
-        ));
-        for event in held {
-            if event.is_message {
-                // Held while replaying: skip what the replay already gave.
-                match event.seq {
-                    Some(s) if s <= member.delivered => continue,
-                    Some(s) => member.delivered = s,
-                    None => {}
-                }
-            }
-            batch.push(event.text);
         }
-        self.push(msg.conn_id, Out::Batch(batch));
+        self.finish_replay(msg.conn_id, &msg.session_id, batch);
     }
 }
 
@@ -710,7 +982,10 @@ impl Handler<Leave> for SessionManager {
 impl Handler<PostMessage> for SessionManager {
     type Result = ();
 
-    fn handle(&mut self, msg: PostMessage, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: PostMessage, ctx: &mut Context<Self>) {
+        if self.draining.is_some() {
+            return self.settle(msg.origin, Err(AppendFailure::ShuttingDown), ctx);
+        }
         let role = if msg.role.is_staff() { "agent" } else { "user" };
         let append = Append {
             message: NewMessage {
@@ -725,7 +1000,7 @@ impl Handler<PostMessage> for SessionManager {
             },
             origin: msg.origin,
         };
-        self.committer.do_send(append);
+        self.store(append);
     }
 }
 
@@ -733,9 +1008,11 @@ impl Handler<Committed> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
+        self.pending_writes = self.pending_writes.saturating_sub(msg.outcomes.len());
         for (origin, outcome) in msg.outcomes {
             self.settle(origin, outcome, ctx);
         }
+        self.check_drained();
     }
 }
 
@@ -799,7 +1076,7 @@ impl Handler<TokenChunk> for SessionManager {
             reply_id: msg.reply_id,
             delta: msg.delta,
         };
-        self.broadcast(&msg.session_id, &frame, None);
+        self.broadcast(&msg.session_id, &frame);
     }
 }
 
@@ -820,7 +1097,7 @@ impl Handler<ReplyFinished> for SessionManager {
                 session_id: Some(msg.session_id.clone()),
                 client_id: None,
             };
-            self.broadcast(&msg.session_id, &frame, None);
+            self.broadcast(&msg.session_id, &frame);
             if *code == AI_UNAVAILABLE {
                 self.offer_to_human(&msg.session_id, code);
             }
@@ -830,7 +1107,9 @@ impl Handler<ReplyFinished> for SessionManager {
             if let Some(conv) = self.conversations.get_mut(&msg.session_id) {
                 conv.reply = None;
             }
+            self.finish_waiting_replays(&msg.session_id);
             self.tidy(&msg.session_id);
+            self.check_drained();
             return;
         }
         let append = Append {
@@ -849,6 +1128,6 @@ impl Handler<ReplyFinished> for SessionManager {
                 reply_id: msg.reply_id,
             },
         };
-        self.committer.do_send(append);
+        self.store(append);
     }
 }

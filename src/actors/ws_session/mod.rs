@@ -6,11 +6,17 @@
 //! the connection's bounded outbound queue into the socket; the SessionManager and this actor
 //! both queue into it. Registers with the SessionManager in `started()`, leaves in
 //! `stopping()`, pings on a heartbeat and drops a client that stays silent too long.
+//!
+//! What one client can make the node hold is bounded here: frames are read one at a time
+//! (the socket waits meanwhile), each takes a token from this socket's budget (over it:
+//! `rate_limited`, and a close if the client keeps on), each `send` a token from the user's
+//! message budget, and at most `max_pending_acks` sends wait for their ack at once.
 
 pub mod messages;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -26,6 +32,7 @@ use crate::actors::session_manager::SessionManager;
 use crate::auth::AuthUser;
 use crate::db::models::{message, session as sessions};
 use crate::protocol::{self, ClientFrame, ServerFrame};
+use crate::ratelimit::{Bucket, RateLimits};
 
 pub use messages::Kick;
 
@@ -41,6 +48,9 @@ pub struct Limits {
     pub heartbeat_interval: Duration,
     pub client_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Sends not yet acknowledged (or refused) past which a `send` is refused.
+    pub max_pending_acks: usize,
+    pub rates: Arc<RateLimits>,
 }
 
 pub struct WsSession {
@@ -55,6 +65,12 @@ pub struct WsSession {
     last_heard: Instant,
     /// Conversations this caller was found allowed into (checked once per connection).
     allowed: HashSet<String>,
+    /// Sends handed on and not yet settled; the SessionManager counts them down.
+    pending_acks: Arc<AtomicUsize>,
+    /// This socket's frame budget.
+    frames: Bucket,
+    /// Frames refused in a row for going over the budget.
+    refused_in_a_row: u32,
 }
 
 impl WsSession {
@@ -80,9 +96,12 @@ impl WsSession {
                 db,
                 outbox,
                 kill: Some(kill),
+                frames: Bucket::new(limits.rates.ws_frames),
                 limits,
                 last_heard: Instant::now(),
                 allowed: HashSet::new(),
+                pending_acks: Arc::new(AtomicUsize::new(0)),
+                refused_in_a_row: 0,
             }
         });
     }
@@ -139,10 +158,14 @@ impl WsSession {
             } => {
                 let checked = message::check_client_id(&client_id)
                     .and_then(|()| message::check_content(&content, self.limits.max_message_bytes));
-                if let Err(invalid) = checked {
+                let refusal = match checked {
+                    Err(invalid) => Some((invalid.code(), invalid.message())),
+                    Ok(()) => self.may_send(),
+                };
+                if let Some((code, message)) = refusal {
                     let frame = ServerFrame::Error {
-                        code: invalid.code().into(),
-                        message: invalid.message(),
+                        code: code.into(),
+                        message,
                         session_id: Some(session_id),
                         client_id: Some(client_id)
                             .filter(|c| c.len() <= message::MAX_CLIENT_ID_BYTES),
@@ -155,6 +178,8 @@ impl WsSession {
                         session_id: session_id.clone(),
                         after_seq: None,
                     });
+                    // Counted down by the SessionManager when the ack or error goes out.
+                    act.pending_acks.fetch_add(1, Ordering::Relaxed);
                     act.manager.do_send(PostMessage {
                         session_id: session_id.clone(),
                         author_id: act.user.id.clone(),
@@ -213,6 +238,27 @@ impl WsSession {
         }
     }
 
+    /// Why a well-formed `send` may not go ahead now, if it may not: the caller's message
+    /// rate, or too many of this socket's messages still waiting for their ack.
+    fn may_send(&self) -> Option<(&'static str, String)> {
+        let pending = self.pending_acks.load(Ordering::Relaxed);
+        if pending >= self.limits.max_pending_acks {
+            return Some((
+                "too_many_pending",
+                format!("{pending} messages are still waiting for their ack; wait for them"),
+            ));
+        }
+        let verdict = self.limits.rates.messages.check(&self.user.id);
+        if !verdict.allowed {
+            let wait = verdict.retry_after.as_millis().max(1);
+            return Some((
+                "rate_limited",
+                format!("too many messages; this one was not stored. Retry in {wait} ms"),
+            ));
+        }
+        None
+    }
+
     /// Runs `then` once the caller is known to be allowed into `session_id`. The first check
     /// of a conversation reads the database; while it runs, this connection's later frames
     /// wait (`ctx.wait`), so frames are handled in the order they were sent.
@@ -254,6 +300,41 @@ impl WsSession {
         }));
     }
 
+    /// Takes one frame from this socket's budget. Over it, the frame is refused and not read;
+    /// a socket that goes on sending regardless is closed.
+    fn within_budget(&mut self, ctx: &mut Context<Self>) -> bool {
+        let verdict = self.frames.take(self.limits.rates.ws_frames);
+        if verdict.allowed {
+            self.refused_in_a_row = 0;
+            return true;
+        }
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row >= self.limits.rates.ws_flood_close_after {
+            log::warn!(
+                "connection {} ({}) kept flooding past its frame limit; closing it",
+                self.id,
+                self.user.id
+            );
+            self.close_with(
+                Kick {
+                    code: "rate_limited",
+                    message: "too many frames, still after being told; slow down and reconnect"
+                        .into(),
+                },
+                ctx,
+            );
+        } else {
+            let wait = verdict.retry_after.as_millis().max(1);
+            self.refuse(
+                "rate_limited",
+                format!("too many frames; this one was not read. Retry in {wait} ms"),
+                None,
+                ctx,
+            );
+        }
+        false
+    }
+
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
         if self.last_heard.elapsed() > self.limits.client_timeout {
             log::info!("connection {} timed out", self.id);
@@ -281,6 +362,7 @@ impl Actor for WsSession {
             role: self.user.role,
             outbox: self.outbox.clone(),
             kick: ctx.address().recipient(),
+            pending_acks: self.pending_acks.clone(),
         });
         let hello = ServerFrame::Hello {
             protocol: protocol::VERSION,
@@ -308,6 +390,9 @@ impl StreamHandler<Result<actix_ws::AggregatedMessage, ProtocolError>> for WsSes
     ) {
         use actix_ws::AggregatedMessage as M;
         self.last_heard = Instant::now();
+        if matches!(item, Ok(M::Text(_) | M::Binary(_))) && !self.within_budget(ctx) {
+            return;
+        }
         match item {
             Ok(M::Text(text)) => self.on_text(&text, ctx),
             Ok(M::Binary(_)) => self.refuse(
@@ -378,9 +463,13 @@ async fn write_loop(
             }
             out = rx.recv() => out,
         };
-        let Some(out) = out else {
-            let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
-            return;
+        let out = match out {
+            None => {
+                let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
+                return;
+            }
+            Some(Out::Close(kick)) => return say_goodbye(socket, kick).await,
+            Some(out) => out,
         };
         let sent = tokio::select! {
             biased;
@@ -409,6 +498,8 @@ async fn write_one(socket: &mut actix_ws::Session, out: Out) -> Result<(), actix
         }
         Out::Ping => socket.ping(b"").await,
         Out::Pong(bytes) => socket.pong(&bytes).await,
+        // Handled by the loop: it ends the connection.
+        Out::Close(_) => Ok(()),
     }
 }
 

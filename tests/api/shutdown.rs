@@ -1,0 +1,256 @@
+//! SIGTERM drains the real binary: answers in flight are stored as interrupted, sockets are
+//! closed with a reason, and the process exits 0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use switchboard::db::models::message::{self, Order};
+use switchboard::db::models::ChatMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::helpers::{connect, TestDatabase, CONFIG_DIR, JWT_SECRET};
+use crate::realtime::hold_write_lock;
+use crate::ws::{try_connect, WsClient, CUSTOMER_PATH};
+
+/// The server process; killed if the test ends before it exits.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    /// The server's log lines, as they come.
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Waits for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?} within 30 s: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `switchboard serve` on a free port and waits for it to say where it listens;
+/// `env` adds to (or overrides) the variables set here.
+pub fn start_server(db_url: &str, env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command
+        .arg("serve")
+        .env("CONFIG_DIR", CONFIG_DIR)
+        .env("DATABASE_URL", db_url)
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("PORT", "0")
+        .env("HTTP_WORKERS", "1")
+        .env("LOG_LEVEL", "info")
+        .env("AI_DEMO_TOKEN_DELAY", "150ms")
+        .env("SHUTDOWN_TIMEOUT", "20s")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("starting the switchboard binary");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (log_tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut told = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !line.contains("switchboard::http") {
+                eprintln!("server: {line}");
+            }
+            let _ = log_tx.send(line.clone());
+            if !told {
+                if let Some(port) = line
+                    .split("(port ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(')').next())
+                    .and_then(|p| p.parse::<u16>().ok())
+                {
+                    let _ = tx.send(port);
+                    told = true;
+                }
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server did not log its port within 60 s");
+    Server { child, port, log }
+}
+
+/// A new guest and a conversation of theirs: (token, session id).
+async fn guest_with_session(http: &reqwest::Client, base: &str) -> (String, String) {
+    let guest: Value = http
+        .post(format!("{base}/api/v1/auth/guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = guest["access_token"].as_str().expect("a guest token");
+    let session: Value = http
+        .post(format!("{base}/api/v1/chat/sessions"))
+        .bearer_auth(token)
+        .json(&json!({"title": "drain"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = session["id"].as_str().expect("a session id");
+    (token.to_string(), sid.to_string())
+}
+
+async fn connect_customer(server: &Server, token: &str) -> WsClient {
+    let url = format!(
+        "ws://127.0.0.1:{}{CUSTOMER_PATH}?token={token}",
+        server.port
+    );
+    let (mut ws, _) = try_connect(url.into_client_request().unwrap())
+        .await
+        .expect("connecting");
+    assert_eq!(ws.next().await["type"], "hello");
+    ws
+}
+
+fn stored(db_url: &str, session_id: &str) -> Vec<ChatMessage> {
+    message::page(&mut connect(db_url), session_id, Order::Asc, None, 10).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason() {
+    let db = TestDatabase::new();
+    let mut server = start_server(&db.url, &[]);
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (token, sid) = guest_with_session(&http, &base).await;
+    let mut ws = connect_customer(&server, &token).await;
+
+    // A second customer whose message is still being stored when the signal comes.
+    let (other_token, other_sid) = guest_with_session(&http, &base).await;
+    let mut other = connect_customer(&server, &other_token).await;
+    other.send_message(&other_sid, "o-0", "hello").await;
+    other.next_of("ack").await;
+    other.until(|f| f["type"] == "reply_done").await;
+
+    ws.send_message(&sid, "d-1", "a question before the restart")
+        .await;
+    let mut frames = Vec::new();
+    while frames
+        .iter()
+        .filter(|f: &&Value| f["type"] == "token")
+        .count()
+        < 2
+    {
+        frames.push(ws.next().await);
+    }
+    let release = hold_write_lock(&db.url);
+    other
+        .send_message(&other_sid, "o-1", "stored during the drain")
+        .await;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success());
+    server.wait_for_log("shutting down: interrupting");
+    // Nothing new is taken once the drain began, and the sender is told so.
+    other.send_message(&other_sid, "o-2", "too late").await;
+    let refused = other.next_of("error").await;
+    assert_eq!(refused["code"], "shutting_down", "{refused}");
+    assert_eq!(refused["client_id"], "o-2", "{refused}");
+    release.send(()).unwrap();
+
+    // The message pending at the signal is stored and acked before its socket closes.
+    let drained = other
+        .drain(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|d| panic!("the other socket was not closed: {:?}", d.frames));
+    let ack = drained
+        .frames
+        .iter()
+        .find(|f| f["type"] == "ack")
+        .unwrap_or_else(|| panic!("no ack for the pending message: {drained:?}"));
+    assert_eq!(ack["client_id"], "o-1", "{ack}");
+    assert_eq!(ack["seq"], 3, "{ack}");
+    assert_eq!(drained.close_code, Some(1012), "{drained:?}");
+
+    // The answer in flight is stored as interrupted, then the socket closes with a reason.
+    let drained = ws
+        .drain(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|d| panic!("the socket was not closed: {:?}", d.frames));
+    frames.extend(drained.frames.iter().cloned());
+    assert_eq!(
+        drained.close_code,
+        Some(1012),
+        "closed with 1012 (service restart): {drained:?}"
+    );
+    let done = frames
+        .iter()
+        .find(|f| f["type"] == "reply_done")
+        .unwrap_or_else(|| panic!("no reply_done before the close: {frames:?}"));
+    assert_eq!(done["interrupted"], true, "{done}");
+    assert_eq!(done["seq"], 2, "{done}");
+    let goodbye = frames.last().unwrap();
+    assert_eq!(goodbye["type"], "error", "{frames:?}");
+    assert_eq!(goodbye["code"], "shutdown", "{goodbye}");
+    let streamed: String = frames
+        .iter()
+        .filter(|f| f["type"] == "token")
+        .map(|f| f["delta"].as_str().unwrap())
+        .collect();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().expect("waiting for the server") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "the server exited with {exit}");
+
+    // Nobody is listening any more.
+    let url = format!(
+        "ws://127.0.0.1:{}{CUSTOMER_PATH}?token={token}",
+        server.port
+    );
+    assert!(try_connect(url.into_client_request().unwrap())
+        .await
+        .is_err());
+
+    let url = db.url.clone();
+    let (rows, other_rows) =
+        tokio::task::spawn_blocking(move || (stored(&url, &sid), stored(&url, &other_sid)))
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].content, "a question before the restart");
+    assert_eq!(rows[1].role, "assistant");
+    assert!(rows[1].interrupted, "{:?}", rows[1]);
+    assert_eq!(rows[1].content, streamed, "stored what was streamed");
+    assert!(!streamed.is_empty());
+    let ids: Vec<Option<&str>> = other_rows.iter().map(|m| m.client_id.as_deref()).collect();
+    assert_eq!(ids, [Some("o-0"), None, Some("o-1")], "{other_rows:?}");
+}
