@@ -531,3 +531,67 @@ async fn send_while_an_answer_is_being_written_returns_the_answer_to_its_own_mes
         "{stored:?}"
     );
 }
+
+fn header(res: &reqwest::Response, name: &str) -> u64 {
+    res.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header: {:?}", res.headers()))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[tokio::test]
+async fn questions_take_the_users_message_budget_and_get_429_past_it() {
+    let app = spawn_app_with(|s| {
+        fast_demo(s);
+        s.rate_limit.messages_per_minute = 1;
+        s.rate_limit.message_burst = 2;
+    })
+    .await;
+    let (token, sid) = customer_with_session(&app).await;
+    let ask = json!({"session_id": sid, "message": "one more question"});
+    expect_json(app.post_json("/api/chat/send", &token, &ask).await, 200).await;
+    let res = app.post_json("/api/v1/chat/stream", &token, &ask).await;
+    assert_eq!(res.status(), 200);
+    let events = sse_events(&res.text().await.unwrap());
+    assert_eq!(events.last().unwrap().0, "done", "{events:?}");
+
+    // The budget of two is spent: every way of asking or posting is refused alike.
+    for path in [
+        "/api/chat/send",
+        "/api/v1/chat/send",
+        "/api/chat/stream",
+        "/api/v1/chat/stream",
+    ] {
+        let res = app.post_json(path, &token, &ask).await;
+        assert_eq!(header(&res, "X-RateLimit-Limit"), 2, "{path}");
+        assert_eq!(header(&res, "X-RateLimit-Remaining"), 0, "{path}");
+        let retry = header(&res, "Retry-After");
+        assert!((1..=60).contains(&retry), "{path}: Retry-After {retry}");
+        assert!(header(&res, "X-RateLimit-Reset") >= retry, "{path}");
+        assert_error(res, 429, "rate_limited").await;
+    }
+    let res = app.post_message(&token, &sid, "posted", None).await;
+    assert_error(res, 429, "rate_limited").await;
+    let stored = stored_messages(&app, &token, &sid).await;
+    let asked: Vec<&Value> = stored.iter().filter(|m| m["role"] == "user").collect();
+    assert_eq!(asked.len(), 2, "{stored:?}");
+    assert_eq!(
+        stored.len(),
+        4,
+        "two questions and their answers: {stored:?}"
+    );
+
+    // Another customer has a budget of their own.
+    let (other, other_sid) = customer_with_session(&app).await;
+    let res = app
+        .post_json(
+            "/api/chat/send",
+            &other,
+            &json!({"session_id": other_sid, "message": "mine"}),
+        )
+        .await;
+    expect_json(res, 200).await;
+}
