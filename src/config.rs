@@ -210,8 +210,13 @@ pub struct ChatSettings {
     pub page_size: i64,
     /// Most messages or conversations one page may hold.
     pub max_page_size: i64,
-    /// How long after a soft delete an admin may still restore a conversation.
+    /// How long after a soft delete staff may still restore a conversation.
     pub restore_window: HumanDuration,
+    /// How long a customer who asked for a human waits for an agent before being told none
+    /// is free; the AI answers again then.
+    pub human_wait: HumanDuration,
+    /// Most conversations in the snapshot a dashboard gets when it connects.
+    pub desk_snapshot_max: i64,
 }
 
 impl Default for ChatSettings {
@@ -221,6 +226,8 @@ impl Default for ChatSettings {
             page_size: 50,
             max_page_size: 200,
             restore_window: HumanDuration::from_secs(7 * 24 * 3600),
+            human_wait: HumanDuration::from_secs(120),
+            desk_snapshot_max: 200,
         }
     }
 }
@@ -238,6 +245,9 @@ pub struct RealtimeSettings {
     pub max_frame_bytes: usize,
     /// Stored messages per replay page after `resume` (pages follow one another).
     pub resume_max: i64,
+    /// How often the accounts behind live sockets are checked; a deactivated account or a
+    /// changed role loses its sockets at the next check.
+    pub account_check_interval: HumanDuration,
     /// Messages one connection may have sent and not yet had acknowledged; a `send` beyond
     /// it is refused with `too_many_pending`.
     pub max_pending_acks: usize,
@@ -251,6 +261,7 @@ impl Default for RealtimeSettings {
             outbound_queue: 256,
             max_frame_bytes: 64 * 1024,
             resume_max: 1000,
+            account_check_interval: HumanDuration::from_secs(5),
             max_pending_acks: 64,
         }
     }
@@ -432,6 +443,13 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("LOG_FORMAT", "log.format", Kind::Str),
     ("MAX_MESSAGE_BYTES", "chat.max_message_bytes", Kind::Int),
     ("RESTORE_WINDOW", "chat.restore_window", Kind::Str),
+    ("HUMAN_WAIT", "chat.human_wait", Kind::Str),
+    ("DESK_SNAPSHOT_MAX", "chat.desk_snapshot_max", Kind::Int),
+    (
+        "ACCOUNT_CHECK_INTERVAL",
+        "realtime.account_check_interval",
+        Kind::Str,
+    ),
     (
         "DB_GROUP_COMMIT_MAX",
         "database.group_commit_max",

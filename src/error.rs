@@ -34,6 +34,8 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    OwnAccount(&'static str),
     #[error("the conversation is {0}")]
     SessionNotActive(String),
     #[error("{0} is unavailable")]
@@ -66,6 +68,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::OwnAccount(_) => "own_account",
             ApiError::SessionNotActive(_) => "session_not_active",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::AiUnavailable(_) => "ai_unavailable",
@@ -95,9 +98,10 @@ impl ResponseError for ApiError {
             ApiError::InvalidInput(crate::db::models::message::InvalidInput::TooLarge(_)) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::BadRequest(_) | ApiError::InvalidJson(_) | ApiError::InvalidInput(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadRequest(_)
+            | ApiError::InvalidJson(_)
+            | ApiError::InvalidInput(_)
+            | ApiError::OwnAccount(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized(_)

@@ -9,10 +9,12 @@ use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
-use actix::Addr;
+use actix::{Actor, Addr};
 
+use crate::actors::account_watch::AccountWatch;
 use crate::actors::inference::{Answering, InferencePool};
 use crate::actors::persistence::Db;
+use crate::actors::session_manager::desk::DeskSettings;
 use crate::actors::session_manager::messages::Drain;
 use crate::actors::session_manager::{Coalescing, SessionManager};
 use crate::auth::JwtKeys;
@@ -109,6 +111,10 @@ impl Application {
                 cache,
             },
         );
+        let held_at_start = db
+            .run(|c| Ok(db::models::desk::held(c)?))
+            .await
+            .context("reading the conversations taken over or waiting for a human")?;
         let manager = SessionManager::start(
             db.clone(),
             inference,
@@ -119,7 +125,20 @@ impl Application {
                 max_messages: settings.ai.batch_size.max(1),
                 pause: settings.ai.batch_timeout.get(),
             },
+            DeskSettings {
+                human_wait: settings.chat.human_wait.get(),
+                snapshot_max: settings.chat.desk_snapshot_max.max(1),
+                restore_window: chrono::Duration::from_std(settings.chat.restore_window.get())
+                    .unwrap_or_else(|_| chrono::Duration::days(7)),
+                held_at_start,
+            },
         );
+        AccountWatch::new(
+            db.clone(),
+            manager.clone(),
+            settings.realtime.account_check_interval.get(),
+        )
+        .start();
         let shutdown_timeout = settings.server.shutdown_timeout.get();
         let state = web::Data::new(AppState {
             jwt: JwtKeys::new(&settings.auth)?,

@@ -265,3 +265,23 @@ impl FromRequest for Staff {
         })
     }
 }
+
+/// An admin: agents and customers get 403.
+#[derive(Debug, Clone)]
+pub struct Admin(pub AuthUser);
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Admin, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let user = AuthUser::from_request(req, payload);
+        Box::pin(async move {
+            let user = user.await?;
+            if user.role != Role::Admin {
+                return Err(ApiError::Forbidden("this needs an admin account"));
+            }
+            Ok(Admin(user))
+        })
+    }
+}

@@ -28,6 +28,38 @@ pub enum ClientFrame {
         #[serde(default)]
         nonce: Option<serde_json::Value>,
     },
+    /// Staff: follow a conversation (history, then live), answered with `watching`.
+    Watch { session_id: String },
+    /// Staff: stop following a conversation, answered with `unwatched`.
+    Unwatch { session_id: String },
+    /// Staff: take the conversation over from the AI.
+    Takeover { session_id: String },
+    /// Staff: hand the conversation back to the AI.
+    Release { session_id: String },
+    /// Staff: close the conversation.
+    Close { session_id: String },
+    /// Staff: soft-delete the conversation.
+    Delete { session_id: String },
+    /// Staff: restore a soft-deleted conversation.
+    Restore { session_id: String },
+    /// Customer: ask for a human agent.
+    RequestHuman { session_id: String },
+}
+
+impl ClientFrame {
+    /// Frames only agents and admins may send.
+    pub fn is_staff_only(&self) -> bool {
+        matches!(
+            self,
+            ClientFrame::Watch { .. }
+                | ClientFrame::Unwatch { .. }
+                | ClientFrame::Takeover { .. }
+                | ClientFrame::Release { .. }
+                | ClientFrame::Close { .. }
+                | ClientFrame::Delete { .. }
+                | ClientFrame::Restore { .. }
+        )
+    }
 }
 
 fn yes() -> bool {
@@ -35,7 +67,22 @@ fn yes() -> bool {
 }
 
 /// Every `type` a client may send, for the `unknown_type` error.
-pub const TYPES: &[&str] = &["send", "resume", "typing", "stop", "leave", "ping"];
+pub const TYPES: &[&str] = &[
+    "send",
+    "resume",
+    "typing",
+    "stop",
+    "leave",
+    "ping",
+    "watch",
+    "unwatch",
+    "takeover",
+    "release",
+    "close",
+    "delete",
+    "restore",
+    "request_human",
+];
 
 /// Why a text frame could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +169,16 @@ mod tests {
             parse(r#"{"type":"ping"}"#),
             Ok(ClientFrame::Ping { .. })
         ));
+        let takeover = parse(r#"{"type":"takeover","session_id":"s"}"#).unwrap();
+        assert!(takeover.is_staff_only());
+        let ask = parse(r#"{"type":"request_human","session_id":"s"}"#).unwrap();
+        assert_eq!(
+            ask,
+            ClientFrame::RequestHuman {
+                session_id: "s".into()
+            }
+        );
+        assert!(!ask.is_staff_only());
     }
 
     #[test]

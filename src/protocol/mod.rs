@@ -5,7 +5,9 @@ pub mod client;
 pub mod server;
 
 pub use client::{parse, ClientFrame, FrameError};
-pub use server::{MessageView, Peer, ServerFrame};
+pub use server::{
+    AgentView, CustomerView, LastMessageView, MessageView, Peer, ServerFrame, SessionSummary,
+};
 
 /// The protocol version this server speaks; sent in `hello`.
 pub const VERSION: u32 = 1;

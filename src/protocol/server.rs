@@ -58,13 +58,39 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<String>,
     },
-    /// The AI consultant cannot answer in this conversation; it is offered to a human agent.
-    HumanOffered { session_id: String, reason: String },
     /// Answer to `ping`.
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
         nonce: Option<serde_json::Value>,
     },
+    /// Staff: right after `hello`, the live conversations, the human queue, the agents online.
+    Snapshot {
+        sessions: Vec<SessionSummary>,
+        queue: Vec<SessionSummary>,
+        agents_online: Vec<AgentView>,
+    },
+    /// Staff: a conversation changed.
+    SessionUpdate { session: SessionSummary },
+    /// Staff: the human queue, oldest request first.
+    Queue { sessions: Vec<SessionSummary> },
+    /// Staff: the agents and admins connected now.
+    AgentsOnline { agents: Vec<AgentView> },
+    /// Staff: the history after `watch` is delivered; live events follow.
+    Watching { session_id: String, last_seq: i64 },
+    /// Staff: `unwatch` done.
+    Unwatched { session_id: String },
+    /// The conversation was taken over by an agent or handed back to the AI.
+    Mode {
+        session_id: String,
+        mode: String,
+        agent: Option<AgentView>,
+    },
+    /// The request for a human is queued.
+    HumanRequested { session_id: String },
+    /// No agent took the conversation in time; the AI answers.
+    HumanUnavailable { session_id: String },
+    /// The conversation was closed, deleted or restored.
+    Status { session_id: String, status: String },
 }
 
 impl ServerFrame {
@@ -105,4 +131,44 @@ pub struct MessageView {
 pub struct Peer {
     pub user_id: String,
     pub role: String,
+}
+
+/// An agent or admin, as the desk shows them.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AgentView {
+    pub user_id: String,
+    pub email: String,
+}
+
+/// The customer of a conversation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CustomerView {
+    pub user_id: String,
+    pub email: Option<String>,
+    pub online: bool,
+}
+
+/// The newest message of a conversation, cut to a preview.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LastMessageView {
+    pub seq: i64,
+    pub role: String,
+    pub content: String,
+    pub created_at: String,
+}
+
+/// A conversation as the desk lists it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub title: String,
+    pub customer: CustomerView,
+    pub status: String,
+    pub mode: String,
+    pub assigned_agent: Option<AgentView>,
+    pub human_requested_at: Option<String>,
+    pub waiting_since: Option<String>,
+    pub last_message: Option<LastMessageView>,
+    pub last_seq: i64,
+    pub updated_at: String,
 }

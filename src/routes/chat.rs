@@ -7,6 +7,11 @@
 //! committer, and are shown live to every socket in the conversation; the request reads
 //! the answer from its outbox. A reader too slow for its outbox is dropped like a slow
 //! socket, and the request ends with an error instead of holding memory.
+//!
+//! In a conversation an agent has taken over, or one waiting in the human queue, the AI is
+//! silent: the question is stored and shown to the agent, and the request answers at once
+//! with no answer and `"human"` saying who has the conversation. The same holds when that
+//! happens while an answer is awaited; text already written is stored as interrupted first.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::{web, HttpResponse};
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::actors::inference::AI_UNAVAILABLE;
+use crate::actors::session_manager::desk::HumanHold;
 use crate::actors::session_manager::messages::{
     AppendFailure, ConnId, Connect, Disconnect, Join, Kick, Origin, Out, PostMessage,
 };
@@ -63,7 +69,11 @@ struct Ask {
 #[derive(Serialize)]
 struct Answered {
     message: ChatMessage,
-    answer: ChatMessage,
+    /// `None` when a human has the conversation and nothing was written.
+    answer: Option<ChatMessage>,
+    /// `taken_over` or `queued` when a human has the conversation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    human: Option<&'static str>,
 }
 
 /// What a listener reads about its answer.
@@ -84,6 +94,10 @@ enum Event {
         code: &'static str,
         message: String,
     },
+    /// An agent took the conversation over, or it went to the human queue: the AI is silent.
+    Human(HumanHold),
+    /// The conversation was closed or deleted.
+    Status(String),
 }
 
 /// Receives nothing: a listener learns it was dropped from its closed outbox.
@@ -129,6 +143,8 @@ struct Listener {
     reply_id: Option<String>,
     /// Frames before our own message's are about earlier turns.
     seen_own_message: bool,
+    /// Who has the conversation instead of the AI, if anyone.
+    human: Option<HumanHold>,
     deadline: Instant,
 }
 
@@ -200,6 +216,7 @@ impl Listener {
             earlier_done: false,
             reply_id: None,
             seen_own_message: false,
+            human: asked.human,
             deadline: Instant::now() + longest_wait(state),
         };
         Ok(listener)
@@ -270,6 +287,11 @@ impl Listener {
                     interrupted: frame["interrupted"].as_bool().unwrap_or(false),
                 })
             }
+            "mode" if frame["mode"] == "human" => Some(Event::Human(HumanHold::TakenOver)),
+            "human_requested" => Some(Event::Human(HumanHold::Queued)),
+            "status" if frame["status"] != "active" => Some(Event::Status(
+                frame["status"].as_str().unwrap_or("closed").to_string(),
+            )),
             // Errors name no answer. `ai_unavailable` means no provider could start, which
             // holds for ours too; another error is the earlier answer's until that one ended.
             "error"
@@ -328,6 +350,16 @@ async fn send(
     let mut listener = Listener::open(&state, caller, body.into_inner()).await?;
     let mut failure: Option<(String, String)> = None;
     let mut wrote = false;
+    let no_answer = |listener: &Listener| {
+        HttpResponse::Ok().json(Answered {
+            message: listener.asked.clone(),
+            answer: None,
+            human: listener.human.map(HumanHold::as_str),
+        })
+    };
+    if listener.human.is_some() {
+        return Ok(no_answer(&listener));
+    }
     loop {
         match listener.next().await {
             Some(Event::Token(_)) => wrote = true,
@@ -335,8 +367,21 @@ async fn send(
                 let answer = stored(&state, &listener.session_id, seq).await?;
                 return Ok(HttpResponse::Ok().json(Answered {
                     message: listener.asked.clone(),
-                    answer,
+                    answer: Some(answer),
+                    human: listener.human.map(HumanHold::as_str),
                 }));
+            }
+            // With text written, the interrupted answer is being stored: wait for it.
+            Some(Event::Human(hold)) => {
+                listener.human = Some(hold);
+                if !wrote {
+                    return Ok(no_answer(&listener));
+                }
+            }
+            Some(Event::Status(status)) => {
+                if !wrote {
+                    return Err(ApiError::SessionNotActive(status));
+                }
             }
             Some(Event::Closed { code, message }) => {
                 log::info!(
@@ -346,7 +391,6 @@ async fn send(
                 return Err(ApiError::ShuttingDown(CUT_OFF));
             }
             Some(Event::Failed { code, message }) => {
-                // With text written, the interrupted answer is being stored: wait for it.
                 if !wrote {
                     if code == AI_UNAVAILABLE {
                         return Err(unavailable(message));
@@ -377,6 +421,83 @@ fn sse(event: &str, data: &Value) -> web::Bytes {
     web::Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
 
+/// Where a stream is: what comes next, and what was seen so far.
+struct Streaming {
+    listener: Listener,
+    pending: Option<Event>,
+    wrote: bool,
+    finished: bool,
+}
+
+impl Streaming {
+    /// The next SSE event to send, if this step has one; sets `finished` after the last.
+    async fn step(&mut self) -> Option<web::Bytes> {
+        let event = match self.pending.take() {
+            Some(event) => Some(event),
+            None => self.listener.next().await,
+        };
+        match event {
+            Some(Event::Token(delta)) => {
+                self.wrote = true;
+                Some(sse("token", &json!({ "delta": delta })))
+            }
+            Some(Event::Done { seq, interrupted }) => {
+                self.finished = true;
+                Some(self.done(Some(seq), interrupted))
+            }
+            // With text written, the interrupted answer is being stored: its `done` ends it.
+            Some(Event::Human(hold)) => {
+                self.listener.human = Some(hold);
+                self.finished = !self.wrote;
+                self.finished.then(|| self.done(None, false))
+            }
+            Some(Event::Status(status)) => {
+                self.finished = !self.wrote;
+                self.finished.then(|| {
+                    let e = ApiError::SessionNotActive(status);
+                    sse(
+                        "error",
+                        &json!({ "code": e.code(), "message": e.to_string() }),
+                    )
+                })
+            }
+            // Nothing written means nothing to store, so no `done` follows.
+            Some(Event::Failed { code, message }) => {
+                self.finished = !self.wrote;
+                Some(sse("error", &json!({ "code": code, "message": message })))
+            }
+            Some(Event::Closed { .. }) => {
+                self.finished = true;
+                Some(sse(
+                    "error",
+                    &json!({"code": "shutting_down", "message": CUT_OFF}),
+                ))
+            }
+            None => {
+                self.finished = true;
+                Some(sse(
+                    "error",
+                    &json!({"code": "ai_failed", "message": "the answer could not be followed to its end; it is stored when it is finished"}),
+                ))
+            }
+        }
+    }
+
+    /// The last event: the stored answer's `seq` (none when a human has the conversation and
+    /// nothing was written), and who has the conversation.
+    fn done(&self, seq: Option<i64>, interrupted: bool) -> web::Bytes {
+        let mut data = json!({
+            "seq": seq,
+            "interrupted": interrupted,
+            "session_id": self.listener.session_id,
+        });
+        if let Some(hold) = self.listener.human {
+            data["human"] = json!(hold.as_str());
+        }
+        sse("done", &data)
+    }
+}
+
 async fn stream_reply(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -384,57 +505,35 @@ async fn stream_reply(
 ) -> Result<HttpResponse, ApiError> {
     let mut listener = Listener::open(&state, caller, body.into_inner()).await?;
     // The first event decides the status: no provider at all is a 503, not an empty stream.
-    let first = listener.next().await;
-    match &first {
-        Some(Event::Failed { code, message }) if code == AI_UNAVAILABLE => {
-            return Err(unavailable(message.clone()))
-        }
+    let first = match listener.human {
+        Some(hold) => Some(Event::Human(hold)),
+        None => listener.next().await,
+    };
+    match first {
+        Some(Event::Failed {
+            ref code,
+            ref message,
+        }) if code == AI_UNAVAILABLE => return Err(unavailable(message.clone())),
         Some(Event::Closed { .. }) => return Err(ApiError::ShuttingDown(CUT_OFF)),
+        Some(Event::Status(status)) => return Err(ApiError::SessionNotActive(status)),
         _ => {}
     }
     let head = sse("message", &json!(listener.asked));
-    let events = stream::unfold(
-        (listener, first, false),
-        |(mut listener, pending, finished)| async move {
-            if finished {
-                return None;
-            }
-            let event = match pending {
-                Some(event) => Some(event),
-                None => listener.next().await,
-            };
-            let (bytes, finished) = match event {
-                Some(Event::Token(delta)) => (sse("token", &json!({ "delta": delta })), false),
-                Some(Event::Done { seq, interrupted }) => (
-                    sse(
-                        "done",
-                        &json!({ "seq": seq, "interrupted": interrupted, "session_id": listener.session_id }),
-                    ),
-                    true,
-                ),
-                Some(Event::Failed { code, message }) => (
-                    sse("error", &json!({ "code": code, "message": message })),
-                    false,
-                ),
-                Some(Event::Closed { .. }) => (
-                    sse(
-                        "error",
-                        &json!({"code": "shutting_down", "message": CUT_OFF}),
-                    ),
-                    true,
-                ),
-                None => (
-                    sse(
-                        "error",
-                        &json!({"code": "ai_failed", "message": "the answer could not be followed to its end; it is stored when it is finished"}),
-                    ),
-                    true,
-                ),
-            };
-            Some((Ok::<_, Infallible>(bytes), (listener, None, finished)))
-        },
-    );
-    let body = futures_util::StreamExt::chain(stream::once(async move { Ok(head) }), events);
+    let state = Streaming {
+        listener,
+        pending: first,
+        wrote: false,
+        finished: false,
+    };
+    let events = stream::unfold(state, |mut state| async move {
+        if state.finished {
+            return None;
+        }
+        let bytes = state.step().await;
+        Some((bytes, state))
+    })
+    .filter_map(|bytes| async move { bytes.map(Ok::<_, Infallible>) });
+    let body = stream::once(async move { Ok(head) }).chain(events);
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))

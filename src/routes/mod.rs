@@ -10,6 +10,7 @@ mod auth;
 mod chat;
 mod health;
 mod llm;
+mod search;
 mod sessions;
 mod users;
 mod ws;
@@ -44,6 +45,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .configure(chat::routes)
             .configure(llm::routes)
             .configure(llm::admin_routes)
+            .configure(search::routes)
+            .configure(search::admin_routes)
             .configure(ws::routes),
     )
     .service(
@@ -51,7 +54,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .service(web::resource("/health").get(health::health))
             .configure(sessions::routes)
             .configure(chat::routes)
-            .configure(llm::routes),
+            .configure(llm::routes)
+            .configure(search::routes),
     )
     .default_service(web::to(not_found));
 }

@@ -10,7 +10,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::{check_field, page_limit};
-use crate::actors::session_manager::messages::{AppendFailure, Origin, PostMessage};
+use crate::actors::session_manager::messages::{
+    AppendFailure, ConversationChanged, Origin, PostMessage, StatusChanged,
+};
 use crate::auth::{AuthUser, Staff};
 use crate::db::models::message::{self, Order, Rejected};
 use crate::db::models::session::{self, Cursor, StatusChange};
@@ -102,6 +104,9 @@ async fn create(
         .db
         .run(move |c| Ok(session::create(c, &id, &caller.id, title.trim())?))
         .await?;
+    state.manager.do_send(ConversationChanged {
+        session_id: created.id.clone(),
+    });
     Ok(super::created(&created))
 }
 
@@ -307,7 +312,13 @@ async fn change_status(
         .run(move |c| Ok(session::set_status(c, &id, status, window)?))
         .await?
     {
-        StatusChange::Done(s) => Ok(HttpResponse::Ok().json(s)),
+        StatusChange::Done(s) => {
+            state.manager.do_send(StatusChanged {
+                session_id: s.id.clone(),
+                status: s.status.clone(),
+            });
+            Ok(HttpResponse::Ok().json(s))
+        }
         StatusChange::NotFound => Err(ApiError::NotFound("conversation")),
         StatusChange::NotRestorable => Err(ApiError::Conflict(
             "only a conversation deleted within the restore window can be restored".into(),

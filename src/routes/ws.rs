@@ -62,6 +62,7 @@ async fn upgrade(
         heartbeat_interval: realtime.heartbeat_interval.get(),
         client_timeout: realtime.client_timeout.get(),
         max_message_bytes: state.settings.chat.max_message_bytes,
+        outbound_queue: realtime.outbound_queue,
         max_pending_acks: realtime.max_pending_acks,
         rates: state.limits.clone(),
     };
@@ -77,7 +78,7 @@ async fn upgrade(
         socket,
         stream,
         limits,
-        realtime.outbound_queue,
+        staff_only,
     );
     Ok(res)
 }

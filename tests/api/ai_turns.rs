@@ -65,7 +65,7 @@ async fn an_identical_context_is_answered_from_the_cache_the_same_way() {
     // A different context goes to the provider (which now fails).
     b.send_message(&sid_b, "b-2", "And when do you close?")
         .await;
-    let frames = b.until(|f| f["type"] == "human_offered").await;
+    let frames = b.until(|f| f["type"] == "human_requested").await;
     assert!(
         frames.iter().any(|f| f["code"] == "ai_unavailable"),
         "{frames:?}"

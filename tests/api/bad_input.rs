@@ -95,6 +95,11 @@ fn authenticated_endpoints(session: &str) -> Vec<(Method, String)> {
             format!("/api/v1/admin/chat/sessions/{session}/restore"),
         ),
         (Method::GET, "/api/v1/admin/chat/metrics/ai".into()),
+        // Refused before the id is looked up, so any id does.
+        (
+            Method::PATCH,
+            format!("/api/v1/admin/users/{}", uuid::Uuid::nil()),
+        ),
     ];
     for base in ["/api/v1", "/api"] {
         out.push((Method::POST, format!("{base}/chat/send")));

@@ -304,27 +304,8 @@ impl TestApp {
     /// Inserts an active user straight into the database; returns their id.
     pub async fn create_user(&self, email: &str, role: Role, password: &str) -> String {
         let (email, password) = (email.to_string(), password.to_string());
-        self.with_db(move |c| {
-            let hash = password::hash(&password).expect("hashing the password");
-            let id = uuid::Uuid::new_v4().to_string();
-            let t = now();
-            user::insert(
-                c,
-                &user::NewUser {
-                    id: &id,
-                    email: &email,
-                    password_hash: Some(&hash),
-                    role: role.as_str(),
-                    is_active: true,
-                    is_guest: false,
-                    created_at: t,
-                    updated_at: t,
-                },
-            )
-            .unwrap_or_else(|e| panic!("inserting user {email}: {e}"));
-            id
-        })
-        .await
+        self.with_db(move |c| insert_user(c, &email, role, &password))
+            .await
     }
 
     /// Signs in through `POST /auth/login`; panics unless the answer is 200.
@@ -436,6 +417,28 @@ pub fn sign_with(claims: &Value, secret: &str) -> String {
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("signing a token")
+}
+
+/// Inserts an active user; returns their id.
+pub fn insert_user(c: &mut DbConnection, email: &str, role: Role, password: &str) -> String {
+    let hash = password::hash(password).expect("hashing the password");
+    let id = uuid::Uuid::new_v4().to_string();
+    let t = now();
+    user::insert(
+        c,
+        &user::NewUser {
+            id: &id,
+            email,
+            password_hash: Some(&hash),
+            role: role.as_str(),
+            is_active: true,
+            is_guest: false,
+            created_at: t,
+            updated_at: t,
+        },
+    )
+    .unwrap_or_else(|e| panic!("inserting user {email}: {e}"));
+    id
 }
 
 /// A connection to `url`, prepared as the server prepares its own.

@@ -33,11 +33,20 @@ fn quick(s: &mut Settings) {
     s.ai.retry_delay = HumanDuration::from_millis(10);
 }
 
-/// Sends a message and reads until the conversation is offered to a human; returns the
-/// frames and checks that the customer was told `ai_unavailable`.
-async fn ask_unavailable(ws: &mut WsClient, sid: &str, client_id: &str) -> Vec<Value> {
+/// Opens a conversation, sends a message in it and reads until the conversation goes to the
+/// human queue; checks that the customer was told `ai_unavailable` first. Each call takes a
+/// new conversation: one in the queue gets no AI turn until the wait for a human is over.
+async fn ask_unavailable(
+    app: &TestApp,
+    ws: &mut WsClient,
+    token: &str,
+    client_id: &str,
+) -> (String, Vec<Value>) {
+    let session = app.create_session(token, "help").await;
+    let sid = session["id"].as_str().expect("session id").to_string();
+    let sid = sid.as_str();
     ws.send_message(sid, client_id, "is anyone there?").await;
-    let frames = ws.until(|f| f["type"] == "human_offered").await;
+    let frames = ws.until(|f| f["type"] == "human_requested").await;
     let error = frames
         .iter()
         .find(|f| f["type"] == "error")
@@ -45,14 +54,13 @@ async fn ask_unavailable(ws: &mut WsClient, sid: &str, client_id: &str) -> Vec<V
     assert_eq!(error["code"], "ai_unavailable", "{error}");
     assert_eq!(error["session_id"], sid, "{error}");
     assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
-    let offered = frames.last().unwrap();
-    assert_eq!(offered["session_id"], sid, "{offered}");
-    assert_eq!(offered["reason"], "ai_unavailable", "{offered}");
+    let queued = frames.last().unwrap();
+    assert_eq!(queued["session_id"], sid, "{queued}");
     assert!(
         frames.iter().all(|f| f["type"] != "token"),
         "tokens from a failed answer: {frames:?}"
     );
-    frames
+    (sid.to_string(), frames)
 }
 
 async fn app_with_openai(
@@ -144,10 +152,10 @@ async fn bedrock_exceptions_inside_the_stream_are_retried_before_the_first_token
 async fn server_errors_exhaust_the_retries_and_offer_the_conversation_to_a_human() {
     let fake = FakeServer::start(vec![openai_error(502)]).await;
     let app = app_with_openai(&fake, |_| {}).await;
-    let (token, sid) = customer_with_session(&app).await;
+    let (token, _) = customer_with_session(&app).await;
     let mut ws = WsClient::customer(&app, &token).await;
 
-    ask_unavailable(&mut ws, &sid, "c-1").await;
+    let (sid, _) = ask_unavailable(&app, &mut ws, &token, "c-1").await;
     assert_eq!(fake.request_count(), 3, "AI_RETRY_ATTEMPTS is 3");
     // Only the customer's message is stored: there was no answer.
     let messages = stored_messages(&app, &token, &sid).await;
@@ -159,10 +167,10 @@ async fn server_errors_exhaust_the_retries_and_offer_the_conversation_to_a_human
 async fn a_refused_request_is_not_retried() {
     let fake = FakeServer::start(vec![openai_error(400)]).await;
     let app = app_with_openai(&fake, |_| {}).await;
-    let (token, sid) = customer_with_session(&app).await;
+    let (token, _) = customer_with_session(&app).await;
     let mut ws = WsClient::customer(&app, &token).await;
 
-    ask_unavailable(&mut ws, &sid, "c-1").await;
+    ask_unavailable(&app, &mut ws, &token, "c-1").await;
     assert_eq!(fake.request_count(), 1);
 }
 
@@ -174,10 +182,10 @@ async fn a_provider_that_never_answers_times_out_and_is_retried() {
         s.ai.first_token_timeout = HumanDuration::from_millis(300);
     })
     .await;
-    let (token, sid) = customer_with_session(&app).await;
+    let (token, _) = customer_with_session(&app).await;
     let mut ws = WsClient::customer(&app, &token).await;
 
-    ask_unavailable(&mut ws, &sid, "c-1").await;
+    ask_unavailable(&app, &mut ws, &token, "c-1").await;
     assert_eq!(fake.request_count(), 2);
 }
 
@@ -221,19 +229,21 @@ async fn the_breaker_opens_after_repeated_failures_and_half_opens_after_the_cool
         s.ai.breaker_cooldown = HumanDuration::from_secs(1);
     })
     .await;
-    let (token, sid) = customer_with_session(&app).await;
+    let (token, _) = customer_with_session(&app).await;
     let mut ws = WsClient::customer(&app, &token).await;
 
-    ask_unavailable(&mut ws, &sid, "c-1").await;
-    ask_unavailable(&mut ws, &sid, "c-2").await;
+    ask_unavailable(&app, &mut ws, &token, "c-1").await;
+    ask_unavailable(&app, &mut ws, &token, "c-2").await;
     assert_eq!(fake.request_count(), 2);
     // Open: the provider is not called at all.
-    ask_unavailable(&mut ws, &sid, "c-3").await;
+    ask_unavailable(&app, &mut ws, &token, "c-3").await;
     assert_eq!(fake.request_count(), 2, "called through an open breaker");
 
     // After the cooldown one trial goes through; it succeeds and closes the breaker.
     fake.script(vec![sse_ok("Back again.")]);
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (token, sid) = customer_with_session(&app).await;
+    let mut ws = WsClient::customer(&app, &token).await;
     let frames = ask(&mut ws, &sid, "c-4", "hello?").await;
     assert_eq!(tokens_text(&frames), "Back again.");
     assert_eq!(fake.request_count(), 3);
@@ -250,16 +260,16 @@ async fn a_failed_half_open_trial_opens_the_breaker_again() {
         s.ai.breaker_cooldown = HumanDuration::from_secs(1);
     })
     .await;
-    let (token, sid) = customer_with_session(&app).await;
+    let (token, _) = customer_with_session(&app).await;
     let mut ws = WsClient::customer(&app, &token).await;
 
-    ask_unavailable(&mut ws, &sid, "c-1").await;
+    ask_unavailable(&app, &mut ws, &token, "c-1").await;
     assert_eq!(fake.request_count(), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // The trial fails: open again, so the next message does not reach the provider.
-    ask_unavailable(&mut ws, &sid, "c-2").await;
+    ask_unavailable(&app, &mut ws, &token, "c-2").await;
     assert_eq!(fake.request_count(), 2);
-    ask_unavailable(&mut ws, &sid, "c-3").await;
+    ask_unavailable(&app, &mut ws, &token, "c-3").await;
     assert_eq!(fake.request_count(), 2);
 }
 

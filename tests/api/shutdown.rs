@@ -10,9 +10,11 @@ use switchboard::db::models::message::{self, Order};
 use switchboard::db::models::ChatMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::helpers::{connect, TestDatabase, CONFIG_DIR, JWT_SECRET};
+use switchboard::db::models::Role;
+
+use crate::helpers::{connect, insert_user, TestDatabase, CONFIG_DIR, JWT_SECRET};
 use crate::realtime::hold_write_lock;
-use crate::ws::{try_connect, WsClient, CUSTOMER_PATH};
+use crate::ws::{try_connect, WsClient, CUSTOMER_PATH, STAFF_PATH};
 
 /// The server process; killed if the test ends before it exits.
 pub struct Server {
@@ -118,15 +120,68 @@ async fn guest_with_session(http: &reqwest::Client, base: &str) -> (String, Stri
 }
 
 async fn connect_customer(server: &Server, token: &str) -> WsClient {
-    let url = format!(
-        "ws://127.0.0.1:{}{CUSTOMER_PATH}?token={token}",
-        server.port
-    );
+    connect_to(server, CUSTOMER_PATH, token).await
+}
+
+async fn connect_to(server: &Server, path: &str, token: &str) -> WsClient {
+    let url = format!("ws://127.0.0.1:{}{path}?token={token}", server.port);
     let (mut ws, _) = try_connect(url.into_client_request().unwrap())
         .await
         .expect("connecting");
     assert_eq!(ws.next().await["type"], "hello");
     ws
+}
+
+/// An agent, inserted into the database and signed in over HTTP: their access token.
+async fn agent_token(db_url: &str, http: &reqwest::Client, base: &str) -> String {
+    let url = db_url.to_string();
+    tokio::task::spawn_blocking(move || {
+        insert_user(
+            &mut connect(&url),
+            "agent@example.com",
+            Role::Agent,
+            "correct horse battery",
+        )
+    })
+    .await
+    .unwrap();
+    let signed: Value = http
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"email": "agent@example.com", "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    signed["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no access token: {signed}"))
+        .to_string()
+}
+
+/// Waits up to 30 s for the server process to exit; panics unless it exits with 0.
+async fn expect_clean_exit(server: &mut Server) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().expect("waiting for the server") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "the server exited with {exit}");
+}
+
+fn sigterm(server: &Server) {
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success());
 }
 
 fn stored(db_url: &str, session_id: &str) -> Vec<ChatMessage> {
@@ -164,12 +219,11 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
     other
         .send_message(&other_sid, "o-1", "stored during the drain")
         .await;
+    // Frames of one socket are handled in order: once the pong is back, the message was handed
+    // on before the signal can be.
+    other.ping("o-1 handed on").await;
 
-    let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(status.success());
+    sigterm(&server);
     server.wait_for_log("shutting down: interrupting");
     // Nothing new is taken once the drain began, and the sender is told so.
     other.send_message(&other_sid, "o-2", "too late").await;
@@ -218,18 +272,7 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
         .map(|f| f["delta"].as_str().unwrap())
         .collect();
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().expect("waiting for the server") {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not exit within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(exit.success(), "the server exited with {exit}");
+    expect_clean_exit(&mut server).await;
 
     // Nobody is listening any more.
     let url = format!(
@@ -364,11 +407,7 @@ async fn sigterm_ends_ai_requests_in_flight_and_refuses_new_ones_with_shutting_d
 
     // The interrupted answers wait on the database until C has been answered.
     let release = hold_write_lock(&db.url);
-    let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(status.success());
+    sigterm(&server);
     server.wait_for_log("shutting down: interrupting");
     body_tx
         .send("\"message\":\"asked during the restart\"}".into())
@@ -402,18 +441,7 @@ async fn sigterm_ends_ai_requests_in_flight_and_refuses_new_ones_with_shutting_d
     assert_eq!(b["answer"]["seq"], 2, "{b}");
     assert!(!b["answer"]["content"].as_str().unwrap().is_empty(), "{b}");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().expect("waiting for the server") {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not exit within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(exit.success(), "the server exited with {exit}");
+    expect_clean_exit(&mut server).await;
 
     let url = db.url.clone();
     let (a_rows, b_rows, c_rows) = tokio::task::spawn_blocking(move || {
@@ -434,4 +462,73 @@ async fn sigterm_ends_ai_requests_in_flight_and_refuses_new_ones_with_shutting_d
         c_rows.is_empty(),
         "nothing stored for a refused question: {c_rows:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_dashboards_too_and_the_human_queue_outlives_the_node() {
+    let db = TestDatabase::new();
+    // A wait for a human far longer than the test: its timer must not hold the drain up.
+    let env = [("HUMAN_WAIT", "10m")];
+    let mut server = start_server(&db.url, &env);
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (token, sid) = guest_with_session(&http, &base).await;
+    let mut cust = connect_customer(&server, &token).await;
+    cust.send(&json!({"type": "request_human", "session_id": sid}))
+        .await;
+    cust.next_of("human_requested").await;
+
+    let agent = agent_token(&db.url, &http, &base).await;
+    let mut desk = connect_to(&server, STAFF_PATH, &agent).await;
+    let snapshot = desk.next_of("snapshot").await;
+    assert_eq!(
+        snapshot["queue"][0]["session_id"],
+        sid.as_str(),
+        "{snapshot}"
+    );
+
+    // A message still being stored keeps the drain open while the dashboard asks for a change.
+    let release = hold_write_lock(&db.url);
+    cust.send_message(&sid, "c-1", "is anybody there?").await;
+    cust.ping("c-1 handed on").await;
+    sigterm(&server);
+    server.wait_for_log("shutting down: interrupting");
+    desk.send(&json!({"type": "takeover", "session_id": sid}))
+        .await;
+    let refused = desk.until(|f| f["type"] == "error").await;
+    let refused = refused.last().unwrap();
+    assert_eq!(refused["code"], "shutting_down", "{refused}");
+    assert_eq!(refused["session_id"], sid.as_str(), "{refused}");
+    release.send(()).unwrap();
+
+    // The dashboard is closed with the customer's socket, with the same reason.
+    let drained = desk
+        .drain(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|d| panic!("the dashboard was not closed: {:?}", d.frames));
+    assert_eq!(drained.close_code, Some(1012), "{drained:?}");
+    let goodbye = drained.frames.last().unwrap();
+    assert_eq!(goodbye["code"], "shutdown", "{drained:?}");
+    let drained = cust
+        .drain(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|d| panic!("the customer's socket was not closed: {:?}", d.frames));
+    assert!(
+        drained
+            .frames
+            .iter()
+            .any(|f| f["type"] == "ack" && f["client_id"] == "c-1"),
+        "{drained:?}"
+    );
+    assert_eq!(drained.close_code, Some(1012), "{drained:?}");
+    expect_clean_exit(&mut server).await;
+
+    // The refused takeover changed nothing; the next node still has the customer waiting.
+    let server = start_server(&db.url, &env);
+    let mut desk = connect_to(&server, STAFF_PATH, &agent).await;
+    let snapshot = desk.next_of("snapshot").await;
+    let queued = &snapshot["queue"][0];
+    assert_eq!(queued["session_id"], sid.as_str(), "{snapshot}");
+    assert_eq!(queued["mode"], "ai", "{snapshot}");
+    assert!(queued["assigned_agent"].is_null(), "{snapshot}");
 }

@@ -5,8 +5,10 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
 
+use super::desk::HumanHold;
 use crate::db::models::message::Rejected;
 use crate::db::models::{Appended, ChatMessage, Role};
+use crate::protocol::AgentView;
 
 pub use crate::actors::ws_session::messages::Kick;
 
@@ -117,6 +119,8 @@ pub enum Origin {
 pub struct Asked {
     pub appended: Appended,
     pub earlier_reply: Option<String>,
+    /// Set when an agent or the human queue has the conversation: no AI answer will come.
+    pub human: Option<HumanHold>,
 }
 
 /// Why a message was not stored.
@@ -188,6 +192,73 @@ pub struct ReplyFinished {
     pub model: Option<String>,
     /// Output tokens, when the provider counted them.
     pub tokens: Option<i32>,
+}
+
+/// A staff socket on the desk endpoint: send it the snapshot and every desk update.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JoinDesk {
+    pub conn_id: ConnId,
+    pub agent: AgentView,
+}
+
+/// What a desk frame asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeskOp {
+    Watch,
+    Unwatch,
+    Takeover,
+    Release,
+    /// Close, delete or restore: the status to set (`closed`, `deleted`, `active`).
+    SetStatus(&'static str),
+    RequestHuman,
+}
+
+/// A desk frame from a socket whose rights to it were checked.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeskCommand {
+    pub conn_id: ConnId,
+    pub user: AgentView,
+    pub role: Role,
+    pub session_id: String,
+    pub op: DeskOp,
+}
+
+/// A conversation's status was changed elsewhere (over HTTP): tell its members and the desk.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StatusChanged {
+    pub session_id: String,
+    pub status: String,
+}
+
+/// A conversation was created or changed over HTTP: the dashboards get its new summary.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConversationChanged {
+    pub session_id: String,
+}
+
+/// The accounts behind the live connections of this node.
+#[derive(Message)]
+#[rtype(result = "Vec<(ConnId, String, Role)>")]
+pub struct ConnectedAccounts;
+
+/// Close these connections now, telling each why.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KickConnections {
+    pub kicks: Vec<(ConnId, Kick)>,
+}
+
+/// Close every connection of this account on this node now (it was deactivated or its role
+/// changed); returns how many were closed.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct KickAccount {
+    pub user_id: String,
+    pub kick: Kick,
 }
 
 /// Shut down: take no new messages, interrupt the answers in flight, store everything

@@ -6,8 +6,9 @@
 //! writes to the Committer, answers to the InferencePool, and history reads to the persistence
 //! actor. It does not authenticate, rate-limit or call providers: those live elsewhere.
 //! It decides when a conversation gets an AI turn: a customer's burst of messages becomes one
-//! turn (`AI_BATCH_SIZE`, `AI_BATCH_TIMEOUT`), and a conversation the AI cannot answer is
-//! offered to a human (`offer_to_human`).
+//! turn (`AI_BATCH_SIZE`, `AI_BATCH_TIMEOUT`), and a conversation no AI provider can answer
+//! goes to the human queue (`offer_to_human`). The agent desk (dashboards, takeover, the human
+//! queue) keeps its state in `desk.rs`.
 //!
 //! Every event is serialised once and the same bytes are queued for every recipient. A
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
@@ -16,7 +17,10 @@
 //! On shutdown (`Drain`) it takes no new messages or answers, cancels the answers in flight
 //! (stored as interrupted), waits for every write it handed to the committer to be settled
 //! (acked or refused), then queues a close with a reason behind each socket's last frames.
+//! Dashboards are sockets like the others; the human queue's timers stop at once and desk
+//! changes are refused (`shutting_down`), since the stored waits are picked up by the next node.
 
+pub mod desk;
 pub mod messages;
 
 use std::collections::{HashMap, HashSet};
@@ -88,6 +92,8 @@ enum MemberState {
         /// Tells this replay's pages from those of an earlier `resume` of the same member.
         replay: u64,
         held: Vec<Event>,
+        /// Joined by `watch`: the replay ends with `watching` instead of `resumed`.
+        watch: bool,
         /// The last page, read while the answer in flight was being stored: it is sent once
         /// that store is settled, so the replay and the held events agree on whether the
         /// answer is in the history.
@@ -172,6 +178,7 @@ pub struct SessionManager {
     coalescing: Coalescing,
     connections: HashMap<ConnId, Connection>,
     conversations: HashMap<String, Conversation>,
+    desk: desk::Desk,
     /// Numbers each `resume`, so a page read for an earlier one is recognised as stale.
     next_replay: u64,
     /// Messages handed to the committer whose outcome has not come back yet.
@@ -189,19 +196,25 @@ impl SessionManager {
         resume_max: i64,
         held_max: usize,
         coalescing: Coalescing,
+        desk_settings: desk::DeskSettings,
     ) -> Addr<SessionManager> {
-        SessionManager::create(move |ctx| SessionManager {
-            committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
-            db,
-            inference,
-            resume_max: resume_max.max(1),
-            held_max: held_max.max(1),
-            coalescing,
-            connections: HashMap::new(),
-            conversations: HashMap::new(),
-            next_replay: 1,
-            pending_writes: 0,
-            draining: None,
+        SessionManager::create(move |ctx| {
+            let mut manager = SessionManager {
+                committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
+                db,
+                inference,
+                resume_max: resume_max.max(1),
+                held_max: held_max.max(1),
+                coalescing,
+                connections: HashMap::new(),
+                conversations: HashMap::new(),
+                desk: desk::Desk::new(desk_settings),
+                next_replay: 1,
+                pending_writes: 0,
+                draining: None,
+            };
+            desk::start(&mut manager, ctx);
+            manager
         })
     }
 
@@ -237,6 +250,7 @@ impl SessionManager {
         let Some(conn) = self.connections.remove(&conn_id) else {
             return;
         };
+        self.desk_forget(conn_id);
         for session_id in conn.sessions {
             if let Some(conv) = self.conversations.get_mut(&session_id) {
                 conv.members.remove(&conn_id);
@@ -314,6 +328,7 @@ impl SessionManager {
             .collect();
         members.sort();
         members.dedup();
+        self.desk.touch(session_id);
         let frame = ServerFrame::Presence {
             session_id: session_id.to_string(),
             members,
@@ -336,7 +351,8 @@ impl SessionManager {
             max_messages,
             pause,
         } = self.coalescing;
-        if pause.is_zero() {
+        // Where the AI is silent, no burst waits: `start_reply` notes the turn it skips.
+        if pause.is_zero() || self.desk.human_hold(session_id).is_some() {
             return self.start_reply(session_id, ctx);
         }
         let conv = self
@@ -384,6 +400,13 @@ impl SessionManager {
     fn start_reply(&mut self, session_id: &str, ctx: &mut Context<Self>) {
         if self.draining.is_some() {
             return; // no new answers while shutting down
+        }
+        if self.desk.ai_silent(session_id) {
+            // Taken over or waiting for a human: the AI stays silent.
+            if let Some(conv) = self.conversations.get_mut(session_id) {
+                conv.turn_pending = false;
+            }
+            return;
         }
         let conv = self
             .conversations
@@ -508,9 +531,11 @@ impl SessionManager {
                         .reply_mut(&appended.message.session_id, None)
                         .map(|r| r.reply_id.clone());
                     self.after_store(&appended, ctx);
+                    let human = self.desk.human_hold(&appended.message.session_id);
                     Asked {
                         appended,
                         earlier_reply,
+                        human,
                     }
                 });
                 let _ = reply.send(outcome);
@@ -531,22 +556,11 @@ impl SessionManager {
             return;
         }
         let m = &appended.message;
+        self.desk.touch(&m.session_id);
         self.broadcast(&m.session_id, &ServerFrame::Message(Self::message_view(m)));
         if m.role == "user" {
             self.customer_wrote(&m.session_id.clone(), ctx);
         }
-    }
-
-    /// The AI cannot go on in a conversation: offer it to a human agent. For now this tells
-    /// everyone in the conversation (agents watching it included) and logs; the human queue
-    /// takes the conversation from here.
-    fn offer_to_human(&mut self, session_id: &str, reason: &str) {
-        log::warn!("conversation {session_id} is offered to a human agent: {reason}");
-        let frame = ServerFrame::HumanOffered {
-            session_id: session_id.to_string(),
-            reason: reason.to_string(),
-        };
-        self.broadcast(session_id, &frame);
     }
 
     fn reply_stored(
@@ -561,6 +575,7 @@ impl SessionManager {
                 conv.reply = None;
             }
         }
+        self.desk.touch(&session_id);
         match outcome {
             Ok(appended) => {
                 let m = &appended.message;
@@ -633,6 +648,7 @@ impl SessionManager {
         // Nobody is told who left: everybody is leaving.
         self.connections.clear();
         self.conversations.clear();
+        self.desk_closed();
         for done in waiting {
             let _ = done.send(());
         }
@@ -662,6 +678,7 @@ impl Handler<Drain> for SessionManager {
                 let _ = cancel.send(());
             }
         }
+        self.desk_drain(ctx);
         ctx.run_later(msg.grace, |act, _| {
             if act.draining.as_ref().is_some_and(|w| !w.is_empty()) {
                 log::warn!(
@@ -712,11 +729,21 @@ impl Handler<Join> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
-        let Join {
-            conn_id,
-            session_id,
-            after_seq,
-        } = msg;
+        self.join(msg.conn_id, msg.session_id, msg.after_seq, false, ctx);
+    }
+}
+
+impl SessionManager {
+    /// Subscribes a connection; with `after_seq`, replays first (ending with `watching`
+    /// when `watch`, else `resumed`).
+    fn join(
+        &mut self,
+        conn_id: ConnId,
+        session_id: String,
+        after_seq: Option<i64>,
+        watch: bool,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(conn) = self.connections.get_mut(&conn_id) else {
             return;
         };
@@ -770,6 +797,7 @@ impl Handler<Join> for SessionManager {
                 state: MemberState::Replaying {
                     replay,
                     held,
+                    watch,
                     last_page: None,
                     read: if busy { Read::Queued } else { Read::InFlight },
                 },
@@ -829,18 +857,24 @@ impl SessionManager {
         else {
             return;
         };
-        let MemberState::Replaying { held, .. } =
+        let MemberState::Replaying { held, watch, .. } =
             std::mem::replace(&mut member.state, MemberState::Live)
         else {
             return;
         };
-        batch.push(ByteString::from(
-            ServerFrame::Resumed {
-                session_id: session_id.to_string(),
-                last_seq: member.delivered,
+        let (session_id, last_seq) = (session_id.to_string(), member.delivered);
+        let done = if watch {
+            ServerFrame::Watching {
+                session_id,
+                last_seq,
             }
-            .to_text(),
-        ));
+        } else {
+            ServerFrame::Resumed {
+                session_id,
+                last_seq,
+            }
+        };
+        batch.push(ByteString::from(done.to_text()));
         // Answers the replay gave as stored messages: their held tokens are repeats too.
         let stored: HashSet<&str> = held
             .iter()
@@ -967,15 +1001,21 @@ impl Handler<Leave> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
-        if let Some(conn) = self.connections.get_mut(&msg.conn_id) {
-            conn.sessions.remove(&msg.session_id);
+        self.leave(msg.conn_id, &msg.session_id);
+    }
+}
+
+impl SessionManager {
+    fn leave(&mut self, conn_id: ConnId, session_id: &str) {
+        if let Some(conn) = self.connections.get_mut(&conn_id) {
+            conn.sessions.remove(session_id);
         }
-        if let Some(conv) = self.conversations.get_mut(&msg.session_id) {
-            if conv.members.remove(&msg.conn_id).is_some() {
-                self.announce_presence(&msg.session_id);
+        if let Some(conv) = self.conversations.get_mut(session_id) {
+            if conv.members.remove(&conn_id).is_some() {
+                self.announce_presence(session_id);
             }
         }
-        self.tidy(&msg.session_id);
+        self.tidy(session_id);
     }
 }
 
@@ -1083,7 +1123,7 @@ impl Handler<TokenChunk> for SessionManager {
 impl Handler<ReplyFinished> for SessionManager {
     type Result = ();
 
-    fn handle(&mut self, msg: ReplyFinished, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ReplyFinished, ctx: &mut Context<Self>) {
         let Some(reply) = self.reply_mut(&msg.session_id, Some(&msg.reply_id)) else {
             return;
         };
@@ -1099,7 +1139,11 @@ impl Handler<ReplyFinished> for SessionManager {
             };
             self.broadcast(&msg.session_id, &frame);
             if *code == AI_UNAVAILABLE {
-                self.offer_to_human(&msg.session_id, code);
+                log::warn!(
+                    "no AI provider can answer in {}; it goes to the human queue",
+                    msg.session_id
+                );
+                self.offer_to_human(&msg.session_id, ctx);
             }
         }
         if text.is_empty() {

@@ -26,12 +26,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::persistence::Db;
 use crate::actors::session_manager::messages::{
-    ConnId, Connect, Disconnect, Join, Leave, Origin, Out, PostMessage, StopReply, Typing,
+    ConnId, Connect, DeskCommand, DeskOp, Disconnect, Join, JoinDesk, Leave, Origin, Out,
+    PostMessage, StopReply, Typing,
 };
 use crate::actors::session_manager::SessionManager;
 use crate::auth::AuthUser;
 use crate::db::models::{message, session as sessions};
-use crate::protocol::{self, ClientFrame, ServerFrame};
+use crate::protocol::{self, AgentView, ClientFrame, ServerFrame};
 use crate::ratelimit::{Bucket, RateLimits};
 
 pub use messages::Kick;
@@ -48,6 +49,8 @@ pub struct Limits {
     pub heartbeat_interval: Duration,
     pub client_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Frames that may wait for the socket before the client counts as a slow consumer.
+    pub outbound_queue: usize,
     /// Sends not yet acknowledged (or refused) past which a `send` is refused.
     pub max_pending_acks: usize,
     pub rates: Arc<RateLimits>,
@@ -65,6 +68,8 @@ pub struct WsSession {
     last_heard: Instant,
     /// Conversations this caller was found allowed into (checked once per connection).
     allowed: HashSet<String>,
+    /// Opened on the staff endpoint: gets the desk snapshot and updates.
+    desk: bool,
     /// Sends handed on and not yet settled; the SessionManager counts them down.
     pending_acks: Arc<AtomicUsize>,
     /// This socket's frame budget.
@@ -82,9 +87,9 @@ impl WsSession {
         socket: actix_ws::Session,
         stream: actix_ws::AggregatedMessageStream,
         limits: Limits,
-        queue: usize,
+        desk: bool,
     ) {
-        let (outbox, rx) = mpsc::channel(queue.max(1));
+        let (outbox, rx) = mpsc::channel(limits.outbound_queue.max(1));
         let (kill, killed) = oneshot::channel();
         actix::spawn(write_loop(socket, rx, killed));
         WsSession::create(move |ctx| {
@@ -100,6 +105,7 @@ impl WsSession {
                 limits,
                 last_heard: Instant::now(),
                 allowed: HashSet::new(),
+                desk,
                 pending_acks: Arc::new(AtomicUsize::new(0)),
                 refused_in_a_row: 0,
             }
@@ -235,7 +241,44 @@ impl WsSession {
                     session_id,
                 });
             }
+            desk_frame => self.on_desk_frame(desk_frame, ctx),
         }
+    }
+
+    /// The agent desk's frames: staff ones checked against the caller's role, then every one
+    /// against access to the conversation, before the SessionManager acts on it.
+    fn on_desk_frame(&mut self, frame: ClientFrame, ctx: &mut Context<Self>) {
+        if frame.is_staff_only() && !self.user.is_staff() {
+            return self.refuse("forbidden", "only agents and admins may do this", None, ctx);
+        }
+        let (session_id, op) = match frame {
+            ClientFrame::Watch { session_id } => (session_id, DeskOp::Watch),
+            ClientFrame::Unwatch { session_id } => (session_id, DeskOp::Unwatch),
+            ClientFrame::Takeover { session_id } => (session_id, DeskOp::Takeover),
+            ClientFrame::Release { session_id } => (session_id, DeskOp::Release),
+            ClientFrame::Close { session_id } => (session_id, DeskOp::SetStatus(sessions::CLOSED)),
+            ClientFrame::Delete { session_id } => {
+                (session_id, DeskOp::SetStatus(sessions::DELETED))
+            }
+            ClientFrame::Restore { session_id } => {
+                (session_id, DeskOp::SetStatus(sessions::ACTIVE))
+            }
+            ClientFrame::RequestHuman { session_id } => (session_id, DeskOp::RequestHuman),
+            // The realtime frames are handled in `on_text`.
+            _ => return,
+        };
+        self.with_access(session_id, ctx, move |act, session_id, _| {
+            act.manager.do_send(DeskCommand {
+                conn_id: act.id,
+                user: AgentView {
+                    user_id: act.user.id.clone(),
+                    email: act.user.email.clone(),
+                },
+                role: act.user.role,
+                session_id,
+                op,
+            });
+        });
     }
 
     /// Why a well-formed `send` may not go ahead now, if it may not: the caller's message
@@ -356,6 +399,14 @@ impl Actor for WsSession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // `hello` is queued before the manager knows the connection, so it is the first frame.
+        let hello = ServerFrame::Hello {
+            protocol: protocol::VERSION,
+            user_id: self.user.id.clone(),
+            role: self.user.role.as_str().to_string(),
+            heartbeat_ms: self.limits.heartbeat_interval.as_millis() as u64,
+        };
+        self.send(&hello, ctx);
         self.manager.do_send(Connect {
             conn_id: self.id,
             user_id: self.user.id.clone(),
@@ -364,13 +415,15 @@ impl Actor for WsSession {
             kick: ctx.address().recipient(),
             pending_acks: self.pending_acks.clone(),
         });
-        let hello = ServerFrame::Hello {
-            protocol: protocol::VERSION,
-            user_id: self.user.id.clone(),
-            role: self.user.role.as_str().to_string(),
-            heartbeat_ms: self.limits.heartbeat_interval.as_millis() as u64,
-        };
-        self.send(&hello, ctx);
+        if self.desk && self.user.is_staff() {
+            self.manager.do_send(JoinDesk {
+                conn_id: self.id,
+                agent: AgentView {
+                    user_id: self.user.id.clone(),
+                    email: self.user.email.clone(),
+                },
+            });
+        }
         ctx.run_interval(self.limits.heartbeat_interval, |act, ctx| {
             act.heartbeat(ctx)
         });

@@ -1,7 +1,9 @@
 //! Row types and the queries on them: plain functions over `&mut DbConnection`, run by the
 //! persistence actor. Each file owns one table.
 
+pub mod desk;
 pub mod message;
+pub mod search;
 pub mod session;
 pub mod token;
 pub mod user;

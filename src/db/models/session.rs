@@ -9,6 +9,7 @@ pub const ACTIVE: &str = "active";
 pub const CLOSED: &str = "closed";
 pub const DELETED: &str = "deleted";
 pub const MODE_AI: &str = "ai";
+pub const MODE_HUMAN: &str = "human";
 
 #[derive(Debug, Clone, Queryable, Selectable, Serialize)]
 #[diesel(table_name = chat_sessions)]
@@ -26,6 +27,9 @@ pub struct ChatSession {
     pub updated_at: NaiveDateTime,
     #[serde(serialize_with = "crate::db::models::serialize_opt_time")]
     pub deleted_at: Option<NaiveDateTime>,
+    /// When the customer asked for a human and is still waiting; `None` otherwise.
+    #[serde(serialize_with = "crate::db::models::serialize_opt_time")]
+    pub human_requested_at: Option<NaiveDateTime>,
 }
 
 /// Where a page of conversations starts: strictly older than this (created_at, id).
@@ -127,6 +131,7 @@ pub fn set_status(
             .set((
                 chat_sessions::status.eq(DELETED),
                 chat_sessions::deleted_at.eq(Some(now)),
+                chat_sessions::human_requested_at.eq(None::<NaiveDateTime>),
                 chat_sessions::updated_at.eq(now),
             ))
             .execute(conn)?,
@@ -144,6 +149,8 @@ pub fn set_status(
         _ => diesel::update(target.filter(chat_sessions::status.eq(ACTIVE)))
             .set((
                 chat_sessions::status.eq(status),
+                // A closed conversation leaves the human queue.
+                chat_sessions::human_requested_at.eq(None::<NaiveDateTime>),
                 chat_sessions::updated_at.eq(now),
             ))
             .execute(conn)?,

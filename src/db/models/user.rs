@@ -104,8 +104,21 @@ pub fn update(
     role: Option<Role>,
     is_active: Option<bool>,
 ) -> QueryResult<Option<User>> {
+    match find_by_email(conn, email)? {
+        Some(user) => update_by_id(conn, &user.id, role, is_active),
+        None => Ok(None),
+    }
+}
+
+/// Changes role and/or active flag; returns the updated user, or `None` when no user has that id.
+pub fn update_by_id(
+    conn: &mut DbConnection,
+    id: &str,
+    role: Option<Role>,
+    is_active: Option<bool>,
+) -> QueryResult<Option<User>> {
     let now = super::now();
-    let target = users::table.filter(users::email.eq(email));
+    let target = users::table.filter(users::id.eq(id));
     let n = match (role, is_active) {
         (Some(r), Some(a)) => diesel::update(target)
             .set((
@@ -125,5 +138,5 @@ pub fn update(
     if n == 0 && (role.is_some() || is_active.is_some()) {
         return Ok(None);
     }
-    find_by_email(conn, email)
+    find(conn, id)
 }

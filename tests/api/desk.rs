@@ -1,0 +1,754 @@
+//! The agent desk as agents, admins and customers see it over real sockets: the snapshot and
+//! live updates, watching, takeover and hand-back, the human queue, status changes, rights,
+//! and sockets closed when an account is disabled.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchboard::config::HumanDuration;
+use switchboard::db::models::Role;
+
+use crate::helpers::{expect_json, spawn_app, spawn_app_with, Signed, TestApp};
+use crate::ws::WsClient;
+
+fn millis(ms: u64) -> HumanDuration {
+    HumanDuration::from_millis(ms)
+}
+
+/// A conversation's stored history through the REST API (one page is enough here).
+async fn history(app: &TestApp, token: &str, session_id: &str) -> Vec<Value> {
+    let page = expect_json(
+        app.get(
+            &format!("/api/v1/chat/sessions/{session_id}/messages?limit=200"),
+            token,
+        )
+        .await,
+        200,
+    )
+    .await;
+    page["messages"].as_array().expect("messages").clone()
+}
+
+/// A guest with a conversation: (sign-in, session id).
+async fn customer(app: &TestApp) -> (Signed, String) {
+    let guest = app.guest().await;
+    let session = app.create_session(&guest.access_token, "help").await;
+    let id = session["id"].as_str().expect("session id").to_string();
+    (guest, id)
+}
+
+fn tokens_text(frames: &[Value]) -> String {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "token")
+        .map(|f| f["delta"].as_str().expect("delta"))
+        .collect()
+}
+
+/// Sends a desk frame.
+async fn ask(ws: &mut WsClient, kind: &str, sid: &str) {
+    ws.send(&json!({"type": kind, "session_id": sid})).await;
+}
+
+/// Reads until an `error` about `sid`; returns its code.
+async fn error_code(ws: &mut WsClient, sid: Option<&str>) -> String {
+    let frames = ws
+        .until(|f| f["type"] == "error" && sid.is_none_or(|s| f["session_id"] == s))
+        .await;
+    frames.last().unwrap()["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Reads until a `session_update` for `sid` satisfies `check`.
+async fn update_where(ws: &mut WsClient, sid: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let frames = ws
+        .until(|f| {
+            f["type"] == "session_update"
+                && f["session"]["session_id"] == sid
+                && check(&f["session"])
+        })
+        .await;
+    frames.last().unwrap()["session"].clone()
+}
+
+#[tokio::test]
+async fn a_dashboard_gets_a_snapshot_then_every_change_live() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(0)).await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    cust.send_message(&sid, "c-1", "alpha bravo charlie").await;
+    cust.until(|f| f["type"] == "reply_done").await;
+
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    let snapshot = desk_ws.next().await;
+    assert_eq!(
+        snapshot["type"], "snapshot",
+        "right after hello: {snapshot}"
+    );
+    let sessions = snapshot["sessions"].as_array().expect("sessions");
+    let summary = sessions
+        .iter()
+        .find(|s| s["session_id"] == sid)
+        .unwrap_or_else(|| panic!("the conversation is in the snapshot: {snapshot}"));
+    assert_eq!(summary["customer"]["user_id"], guest.user_id.as_str());
+    assert_eq!(summary["customer"]["online"], true, "{summary}");
+    assert_eq!(summary["status"], "active");
+    assert_eq!(summary["mode"], "ai");
+    assert_eq!(summary["assigned_agent"], Value::Null);
+    assert_eq!(summary["last_seq"], 2);
+    assert_eq!(summary["last_message"]["seq"], 2);
+    assert_eq!(summary["last_message"]["role"], "assistant");
+    assert_eq!(summary["waiting_since"], Value::Null, "answered: {summary}");
+    assert_eq!(summary["title"], "help");
+    assert_eq!(snapshot["queue"], json!([]));
+    assert_eq!(
+        snapshot["agents_online"],
+        json!([{"user_id": agent.user_id, "email": "agent@example.com"}])
+    );
+
+    // A new message shows as the last message, cut to a preview (an agent's, so that no AI
+    // answer follows it).
+    let long = "x".repeat(300);
+    let res = app
+        .post_message(&agent.access_token, &sid, &long, None)
+        .await;
+    assert_eq!(res.status(), 201);
+    let s = update_where(&mut desk_ws, &sid, |s| s["last_seq"] == 3).await;
+    assert_eq!(s["last_message"]["seq"], 3, "{s}");
+    assert_eq!(s["last_message"]["role"], "agent", "{s}");
+    assert_eq!(
+        s["last_message"]["content"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .count(),
+        200,
+        "a preview: {s}"
+    );
+
+    // A new conversation appears as it is opened.
+    let (newcomer, new_sid) = customer(&app).await;
+    let s = update_where(&mut desk_ws, &new_sid, |_| true).await;
+    assert_eq!(s["customer"]["user_id"], newcomer.user_id.as_str(), "{s}");
+    assert_eq!(s["last_seq"], 0, "{s}");
+    assert_eq!(s["last_message"], Value::Null, "{s}");
+
+    // A second agent comes online, then the customer goes offline.
+    let other = app.user("other@example.com", Role::Admin).await;
+    let other_ws = WsClient::staff(&app, &other.access_token).await;
+    let online = desk_ws
+        .until(|f| f["type"] == "agents_online" && f["agents"].as_array().unwrap().len() == 2)
+        .await;
+    let agents = online.last().unwrap()["agents"].clone();
+    assert!(agents.to_string().contains("other@example.com"), "{agents}");
+    other_ws.close().await;
+    desk_ws
+        .until(|f| f["type"] == "agents_online" && f["agents"].as_array().unwrap().len() == 1)
+        .await;
+    cust.close().await;
+    update_where(&mut desk_ws, &sid, |s| s["customer"]["online"] == false).await;
+}
+
+#[tokio::test]
+async fn watching_gives_the_history_then_the_answer_as_the_customer_sees_it() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(40)).await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    cust.send_message(&sid, "c-1", "how do refunds work").await;
+    // The answer is being written when the agent starts watching.
+    let mut cust_frames = cust
+        .until(|f| f["type"] == "token" && f["delta"].as_str().is_some_and(|d| !d.is_empty()))
+        .await;
+    cust_frames.extend(cust.until(|f| f["type"] == "token").await);
+
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+    ask(&mut desk_ws, "watch", &sid).await;
+    let watched = desk_ws
+        .until(|f| f["type"] == "reply_done" && f["session_id"] == sid)
+        .await;
+    cust_frames.extend(cust.until(|f| f["type"] == "reply_done").await);
+
+    let mine: Vec<&Value> = watched
+        .iter()
+        .filter(|f| f["session_id"] == sid && f["type"] != "session_update")
+        .collect();
+    assert_eq!(mine[0]["type"], "message", "{mine:?}");
+    assert_eq!(mine[0]["seq"], 1);
+    assert_eq!(mine[0]["content"], "how do refunds work");
+    let watching = watched
+        .iter()
+        .position(|f| f["type"] == "watching")
+        .expect("watching");
+    assert_eq!(watched[watching]["last_seq"], 1);
+    assert!(
+        watched[..watching].iter().all(|f| f["type"] != "token"),
+        "history first"
+    );
+
+    let stored = history(&app, &guest.access_token, &sid).await;
+    let answer = stored[1]["content"].as_str().unwrap();
+    assert_eq!(
+        tokens_text(&watched),
+        answer,
+        "the agent saw the whole answer"
+    );
+    assert_eq!(tokens_text(&cust_frames), answer, "so did the customer");
+    let done = watched.last().unwrap();
+    assert_eq!(done["seq"], 2);
+    assert_eq!(done["interrupted"], false);
+
+    ask(&mut desk_ws, "unwatch", &sid).await;
+    desk_ws
+        .until(|f| f["type"] == "unwatched" && f["session_id"] == sid)
+        .await;
+}
+
+#[tokio::test]
+async fn takeover_cuts_the_answer_and_the_ai_stays_silent_until_release() {
+    let app = spawn_app_with(|s| s.ai.demo_token_delay = millis(40)).await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+
+    cust.send_message(&sid, "c-1", "tell me a long story").await;
+    let mut streamed = Vec::new();
+    while streamed
+        .iter()
+        .filter(|f: &&Value| f["type"] == "token")
+        .count()
+        < 3
+    {
+        streamed.push(cust.next().await);
+    }
+    ask(&mut desk_ws, "takeover", &sid).await;
+
+    // The customer sees the answer cut and the agent arrive, in whichever order.
+    let mut saw_mode = false;
+    let mut done = Value::Null;
+    while !saw_mode || done.is_null() {
+        let f = cust.next().await;
+        match f["type"].as_str() {
+            Some("mode") => {
+                assert_eq!(f["mode"], "human", "{f}");
+                assert_eq!(f["agent"]["user_id"], agent.user_id.as_str(), "{f}");
+                assert_eq!(f["agent"]["email"], "agent@example.com", "{f}");
+                saw_mode = true;
+            }
+            Some("reply_done") => done = f,
+            _ => streamed.push(f),
+        }
+    }
+    assert_eq!(done["interrupted"], true, "{done}");
+    let stored = history(&app, &guest.access_token, &sid).await;
+    assert_eq!(stored[1]["role"], "assistant");
+    assert_eq!(stored[1]["interrupted"], true);
+    assert_eq!(
+        stored[1]["content"].as_str().unwrap(),
+        tokens_text(&streamed)
+    );
+
+    // The winner watches: history, then live.
+    desk_ws
+        .until(|f| f["type"] == "watching" && f["session_id"] == sid)
+        .await;
+    let s = update_where(&mut desk_ws, &sid, |s| s["mode"] == "human").await;
+    assert_eq!(
+        s["assigned_agent"]["user_id"],
+        agent.user_id.as_str(),
+        "{s}"
+    );
+
+    // In human mode the customer's message gets no AI answer; the agent's reaches them.
+    cust.send_message(&sid, "c-2", "are you a person?").await;
+    cust.until(|f| f["type"] == "ack" && f["client_id"] == "c-2")
+        .await;
+    desk_ws
+        .until(|f| f["type"] == "message" && f["seq"] == 3)
+        .await;
+    desk_ws.send_message(&sid, "a-1", "Yes, I am Ann.").await;
+    let ack = desk_ws
+        .until(|f| f["type"] == "ack" && f["client_id"] == "a-1")
+        .await;
+    assert_eq!(ack.last().unwrap()["seq"], 4);
+    let seen = cust
+        .until(|f| f["type"] == "message" && f["seq"] == 4)
+        .await;
+    assert!(seen.iter().all(|f| f["type"] != "token"), "{seen:?}");
+    let msg = seen.last().unwrap();
+    assert_eq!(msg["role"], "agent");
+    assert_eq!(msg["author_id"], agent.user_id.as_str());
+    assert_eq!(msg["content"], "Yes, I am Ann.");
+
+    // Only the assigned agent (or an admin) hands back.
+    let other = app.user("other@example.com", Role::Agent).await;
+    let mut other_ws = WsClient::staff(&app, &other.access_token).await;
+    ask(&mut other_ws, "release", &sid).await;
+    assert_eq!(error_code(&mut other_ws, Some(&sid)).await, "not_assigned");
+    ask(&mut other_ws, "takeover", &sid).await;
+    assert_eq!(
+        error_code(&mut other_ws, Some(&sid)).await,
+        "already_assigned"
+    );
+
+    ask(&mut desk_ws, "release", &sid).await;
+    let mode = cust.next_of("mode").await;
+    assert_eq!(mode["mode"], "ai");
+    assert_eq!(mode["agent"], Value::Null);
+    cust.send_message(&sid, "c-3", "thanks, and the AI?").await;
+    let done = cust
+        .until(|f| f["type"] == "reply_done")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(done["seq"], 6, "{done}");
+    assert_eq!(done["interrupted"], false);
+    let roles: Vec<String> = history(&app, &guest.access_token, &sid)
+        .await
+        .iter()
+        .map(|m| m["role"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "user", "agent", "user", "assistant"],
+        "the AI said nothing while the agent had the conversation"
+    );
+}
+
+#[tokio::test]
+async fn two_agents_taking_over_at_once_exactly_one_wins() {
+    let app = spawn_app().await;
+    let ann = app.user("ann@example.com", Role::Agent).await;
+    let bob = app.user("bob@example.com", Role::Agent).await;
+    let mut ann_ws = WsClient::staff(&app, &ann.access_token).await;
+    let mut bob_ws = WsClient::staff(&app, &bob.access_token).await;
+    for round in 0..5 {
+        let (_, sid) = customer(&app).await;
+        let takeover = json!({"type": "takeover", "session_id": sid});
+        tokio::join!(ann_ws.send(&takeover), bob_ws.send(&takeover));
+        let outcome = |f: &Value| {
+            f["session_id"] == sid.as_str() && (f["type"] == "mode" || f["type"] == "error")
+        };
+        let (a, b) = tokio::join!(ann_ws.until(outcome), bob_ws.until(outcome));
+        let (a, b) = (a.last().unwrap().clone(), b.last().unwrap().clone());
+        let winners: Vec<&Value> = [&a, &b]
+            .into_iter()
+            .filter(|f| f["type"] == "mode")
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {a} / {b}");
+        let loser = if a["type"] == "mode" { &b } else { &a };
+        assert_eq!(loser["code"], "already_assigned", "round {round}: {loser}");
+        let winner_id = &winners[0]["agent"]["user_id"];
+        let id = sid.clone();
+        let assigned = app
+            .with_db(move |c| {
+                switchboard::db::models::session::find(c, &id)
+                    .unwrap()
+                    .unwrap()
+                    .assigned_agent_id
+            })
+            .await;
+        assert_eq!(Some(winner_id.as_str().unwrap().to_string()), assigned);
+    }
+}
+
+#[tokio::test]
+async fn the_human_queue_is_oldest_first_and_a_takeover_leaves_it() {
+    let app = spawn_app_with(|s| s.chat.human_wait = HumanDuration::from_secs(600)).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+
+    let (first, s1) = customer(&app).await;
+    let (second, s2) = customer(&app).await;
+    let mut c1 = WsClient::customer(&app, &first.access_token).await;
+    let mut c2 = WsClient::customer(&app, &second.access_token).await;
+    ask(&mut c1, "request_human", &s1).await;
+    let got = c1.next_of("human_requested").await;
+    assert_eq!(got["session_id"], s1.as_str());
+    ask(&mut c2, "request_human", &s2).await;
+    c2.next_of("human_requested").await;
+
+    let queue = desk_ws
+        .until(|f| f["type"] == "queue" && f["sessions"].as_array().unwrap().len() == 2)
+        .await;
+    let ids: Vec<&Value> = queue.last().unwrap()["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["session_id"])
+        .collect();
+    assert_eq!(ids, [&json!(s1), &json!(s2)], "oldest request first");
+    let s = &queue.last().unwrap()["sessions"][0];
+    assert!(s["human_requested_at"].is_string(), "{s}");
+
+    // While waiting, the AI does not answer.
+    c1.send_message(&s1, "c-1", "hello? anyone?").await;
+    c1.until(|f| f["type"] == "ack").await;
+
+    // A dashboard connecting now sees the same queue.
+    let late = app.user("late@example.com", Role::Admin).await;
+    let mut late_ws = WsClient::staff(&app, &late.access_token).await;
+    let snapshot = late_ws.next_of("snapshot").await;
+    assert_eq!(snapshot["queue"][0]["session_id"], s1.as_str());
+    assert_eq!(snapshot["queue"][1]["session_id"], s2.as_str());
+    assert!(
+        snapshot["queue"][0]["waiting_since"].is_string(),
+        "{snapshot}"
+    );
+
+    ask(&mut desk_ws, "takeover", &s1).await;
+    let queue = desk_ws
+        .until(|f| f["type"] == "queue" && f["sessions"].as_array().unwrap().len() == 1)
+        .await;
+    assert_eq!(
+        queue.last().unwrap()["sessions"][0]["session_id"],
+        s2.as_str()
+    );
+    let frames = c1.until(|f| f["type"] == "mode").await;
+    assert!(frames.iter().all(|f| f["type"] != "token"), "{frames:?}");
+    assert_eq!(app.message_count(&s1).await, 1, "no AI answer was stored");
+
+    // Asking for a human in someone else's conversation is refused like an unknown one.
+    ask(&mut c2, "request_human", &s1).await;
+    assert_eq!(error_code(&mut c2, Some(&s1)).await, "not_found");
+}
+
+#[tokio::test]
+async fn nobody_taking_the_request_in_time_tells_the_customer_and_the_ai_answers() {
+    let app = spawn_app_with(|s| {
+        s.chat.human_wait = millis(500);
+        s.ai.demo_token_delay = millis(0);
+    })
+    .await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    ask(&mut cust, "request_human", &sid).await;
+    cust.next_of("human_requested").await;
+    cust.send_message(&sid, "c-1", "is a person there?").await;
+
+    let before = cust.until(|f| f["type"] == "human_unavailable").await;
+    assert!(
+        before.iter().all(|f| f["type"] != "token"),
+        "the AI waited: {before:?}"
+    );
+    assert_eq!(before.last().unwrap()["session_id"], sid.as_str());
+    let done = cust.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(
+        done.last().unwrap()["seq"],
+        2,
+        "the AI answered the waiting message"
+    );
+
+    // The queue empties on the dashboard too.
+    desk_ws
+        .until(|f| f["type"] == "queue" && f["sessions"] == json!([]))
+        .await;
+}
+
+#[tokio::test]
+async fn staff_close_delete_and_restore_over_the_socket_as_over_http() {
+    let app = spawn_app().await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    cust.resume(&sid, 0).await;
+    cust.next_of("resumed").await;
+
+    // Customers may not use staff frames at all.
+    for kind in [
+        "watch", "takeover", "release", "close", "delete", "restore", "unwatch",
+    ] {
+        ask(&mut cust, kind, &sid).await;
+        assert_eq!(error_code(&mut cust, None).await, "forbidden", "{kind}");
+    }
+
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let admin = app.user("admin@example.com", Role::Admin).await;
+    let mut agent_ws = WsClient::staff(&app, &agent.access_token).await;
+    let mut admin_ws = WsClient::staff(&app, &admin.access_token).await;
+    agent_ws.next_of("snapshot").await;
+    admin_ws.next_of("snapshot").await;
+
+    ask(&mut agent_ws, "takeover", "no-such-conversation").await;
+    assert_eq!(
+        error_code(&mut agent_ws, Some("no-such-conversation")).await,
+        "not_found"
+    );
+
+    ask(&mut agent_ws, "close", &sid).await;
+    let status = cust.next_of("status").await;
+    assert_eq!(status["status"], "closed");
+    update_where(&mut admin_ws, &sid, |s| s["status"] == "closed").await;
+    ask(&mut agent_ws, "takeover", &sid).await;
+    assert_eq!(
+        error_code(&mut agent_ws, Some(&sid)).await,
+        "session_closed"
+    );
+
+    // An agent may delete and restore, as the REST admin routes allow any staff.
+    ask(&mut agent_ws, "delete", &sid).await;
+    assert_eq!(cust.next_of("status").await["status"], "deleted");
+    update_where(&mut admin_ws, &sid, |s| s["status"] == "deleted").await;
+    let res = app
+        .get(&format!("/api/v1/chat/sessions/{sid}"), &guest.access_token)
+        .await;
+    assert_eq!(
+        res.status(),
+        404,
+        "a deleted conversation is gone for its customer"
+    );
+
+    ask(&mut agent_ws, "restore", &sid).await;
+    assert_eq!(cust.next_of("status").await["status"], "active");
+    update_where(&mut admin_ws, &sid, |s| s["status"] == "active").await;
+    ask(&mut admin_ws, "restore", &sid).await;
+    assert_eq!(
+        error_code(&mut admin_ws, Some(&sid)).await,
+        "not_restorable"
+    );
+
+    // The REST admin route tells the sockets too.
+    let res = app
+        .post(
+            &format!("/api/v1/admin/chat/sessions/{sid}/close"),
+            &agent.access_token,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(cust.next_of("status").await["status"], "closed");
+}
+
+#[tokio::test]
+async fn a_disabled_account_or_a_removed_role_loses_its_sockets() {
+    let app = spawn_app_with(|s| s.realtime.account_check_interval = millis(200)).await;
+    let cust = app.user("carol@example.com", Role::Customer).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut cust_ws = WsClient::customer(&app, &cust.access_token).await;
+    let mut agent_ws = WsClient::staff(&app, &agent.access_token).await;
+    agent_ws.next_of("snapshot").await;
+    // Both sockets are live and answering.
+    cust_ws.ping("before").await;
+    agent_ws.ping("before").await;
+
+    app.set_user("carol@example.com", None, Some(false)).await;
+    let drained = cust_ws
+        .drain(Duration::from_secs(15))
+        .await
+        .expect("the customer's socket was closed");
+    let error = drained
+        .frames
+        .iter()
+        .find(|f| f["type"] == "error")
+        .unwrap_or_else(|| panic!("told why: {drained:?}"));
+    assert_eq!(error["code"], "account_disabled");
+    assert_eq!(drained.close_code, Some(1008));
+    let res = app.get("/api/v1/users/me", &cust.access_token).await;
+    assert_eq!(res.status(), 401);
+
+    app.set_user("agent@example.com", Some(Role::Customer), None)
+        .await;
+    let drained = agent_ws
+        .drain(Duration::from_secs(15))
+        .await
+        .expect("the agent's socket was closed");
+    let error = drained
+        .frames
+        .iter()
+        .find(|f| f["type"] == "error")
+        .unwrap_or_else(|| panic!("told why: {drained:?}"));
+    assert_eq!(error["code"], "role_changed");
+}
+
+#[tokio::test]
+async fn desk_frames_with_bad_fields_are_refused() {
+    let app = spawn_app().await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut ws = WsClient::staff(&app, &agent.access_token).await;
+    ws.next_of("snapshot").await;
+    ws.send(&json!({"type": "takeover"})).await;
+    assert_eq!(error_code(&mut ws, None).await, "invalid_frame");
+    ws.send(&json!({"type": "watch", "session_id": 7})).await;
+    assert_eq!(error_code(&mut ws, None).await, "invalid_frame");
+    ws.send(&json!({"type": "release", "session_id": "s", "force": true}))
+        .await;
+    assert_eq!(error_code(&mut ws, None).await, "invalid_frame");
+    let long = "x".repeat(5000);
+    ask(&mut ws, "watch", &long).await;
+    assert_eq!(error_code(&mut ws, None).await, "not_found");
+    // Still usable.
+    ws.ping("after").await;
+}
+
+#[tokio::test]
+async fn typing_and_presence_reach_both_sides() {
+    let app = spawn_app().await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    cust.resume(&sid, 0).await;
+    cust.next_of("resumed").await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+    ask(&mut desk_ws, "watch", &sid).await;
+    desk_ws
+        .until(|f| f["type"] == "watching" && f["session_id"] == sid)
+        .await;
+
+    // The customer sees the agent join the conversation.
+    cust.until(|f| {
+        f["type"] == "presence"
+            && f["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["role"] == "agent" && m["user_id"] == agent.user_id.as_str())
+    })
+    .await;
+
+    cust.send(&json!({"type": "typing", "session_id": sid, "active": true}))
+        .await;
+    let typing = desk_ws
+        .until(|f| f["type"] == "typing" && f["session_id"] == sid)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(typing["user_id"], guest.user_id.as_str());
+    assert_eq!(typing["role"], "customer");
+    assert_eq!(typing["active"], true);
+
+    desk_ws
+        .send(&json!({"type": "typing", "session_id": sid, "active": false}))
+        .await;
+    let typing = cust.next_of("typing").await;
+    assert_eq!(typing["user_id"], agent.user_id.as_str());
+    assert_eq!(typing["role"], "agent");
+    assert_eq!(typing["active"], false);
+}
+
+/// Two servers on one database, as two nodes behind a load balancer.
+async fn second_node(app: &TestApp) -> TestApp {
+    let url = app.db_url.clone();
+    spawn_app_with(move |s| {
+        s.database.url = switchboard::config::Secret::new(url);
+        s.ai.demo_token_delay = millis(0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn takeover_is_decided_by_the_database_across_nodes_and_survives_a_new_node() {
+    let node_a = spawn_app_with(|s| s.ai.demo_token_delay = millis(0)).await;
+    let node_b = second_node(&node_a).await;
+    let ann = node_a.user("ann@example.com", Role::Agent).await;
+    let bob = node_a.user("bob@example.com", Role::Admin).await;
+    let mut ann_ws = WsClient::staff(&node_a, &ann.access_token).await;
+    let mut bob_ws = WsClient::staff(&node_b, &bob.access_token).await;
+    let mut last = None;
+    for round in 0..3 {
+        let (guest, sid) = customer(&node_a).await;
+        let takeover = json!({"type": "takeover", "session_id": sid});
+        tokio::join!(ann_ws.send(&takeover), bob_ws.send(&takeover));
+        let outcome = |f: &Value| {
+            f["session_id"] == sid.as_str() && (f["type"] == "mode" || f["type"] == "error")
+        };
+        let (a, b) = tokio::join!(ann_ws.until(outcome), bob_ws.until(outcome));
+        let (a, b) = (a.last().unwrap().clone(), b.last().unwrap().clone());
+        let wins = [&a, &b].iter().filter(|f| f["type"] == "mode").count();
+        assert_eq!(wins, 1, "round {round}: {a} / {b}");
+        let loser = if a["type"] == "mode" { &b } else { &a };
+        assert_eq!(loser["code"], "already_assigned", "round {round}: {loser}");
+        last = Some((guest, sid));
+    }
+
+    // A node started later knows the conversation is with an agent: its AI keeps silent.
+    let (guest, sid) = last.expect("three rounds ran");
+    let node_c = second_node(&node_a).await;
+    let mut cust = WsClient::customer(&node_c, &guest.access_token).await;
+    cust.send_message(&sid, "c-1", "hello from node c").await;
+    cust.until(|f| f["type"] == "ack").await;
+    let mut admin_c = WsClient::staff(&node_c, &bob.access_token).await;
+    ask(&mut admin_c, "release", &sid).await;
+    cust.next_of("mode").await;
+    cust.send_message(&sid, "c-2", "and now?").await;
+    let done = cust.until(|f| f["type"] == "reply_done").await;
+    assert_eq!(done.last().unwrap()["seq"], 3, "{done:?}");
+    let roles: Vec<String> = history(&node_c, &guest.access_token, &sid)
+        .await
+        .iter()
+        .map(|m| m["role"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(roles, ["user", "user", "assistant"]);
+}
+
+#[tokio::test]
+async fn desk_frames_count_against_the_sockets_frame_budget() {
+    let app = spawn_app_with(|s| {
+        s.rate_limit.ws_frames_per_second = 1;
+        s.rate_limit.ws_frame_burst = 3;
+        s.rate_limit.ws_flood_close_after = 10;
+    })
+    .await;
+    let (_, sid) = customer(&app).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+
+    // Three frames are the burst; the fourth, a takeover, is refused and not acted on.
+    for i in 0..3 {
+        desk_ws.feed(&json!({"type": "ping", "nonce": i})).await;
+    }
+    desk_ws
+        .feed(&json!({"type": "takeover", "session_id": sid}))
+        .await;
+    desk_ws.flush().await;
+    let frames = desk_ws.until(|f| f["type"] == "error").await;
+    assert_eq!(frames.iter().filter(|f| f["type"] == "pong").count(), 3);
+    let refused = frames.last().unwrap();
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f["type"] == "mode" || f["type"] == "watching"),
+        "{frames:?}"
+    );
+    let session = app.session_as_staff(&agent.access_token, &sid).await;
+    assert_eq!(session["mode"], "ai", "{session}");
+
+    // Once the budget refills (one frame a second), the same takeover goes through.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ask(&mut desk_ws, "takeover", &sid).await;
+    desk_ws
+        .until(|f| f["type"] == "mode" && f["session_id"] == sid.as_str())
+        .await;
+    let session = app.session_as_staff(&agent.access_token, &sid).await;
+    assert_eq!(session["mode"], "human", "{session}");
+
+    // A dashboard that keeps flooding desk frames regardless is cut off like any socket.
+    for _ in 0..40 {
+        desk_ws
+            .feed(&json!({"type": "watch", "session_id": sid}))
+            .await;
+    }
+    desk_ws.flush().await;
+    let drained = desk_ws
+        .drain(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|d| panic!("the flooding dashboard is still open: {:?}", d.frames));
+    assert_eq!(drained.close_code, Some(1008), "{drained:?}");
+    let last_error = drained
+        .frames
+        .iter()
+        .rev()
+        .find(|f| f["type"] == "error")
+        .unwrap_or_else(|| panic!("no error before the close: {drained:?}"));
+    assert_eq!(last_error["code"], "rate_limited", "{last_error}");
+}
