@@ -584,6 +584,11 @@ async fn desk_frames_with_bad_fields_are_refused() {
     let long = "x".repeat(5000);
     ask(&mut ws, "watch", &long).await;
     assert_eq!(error_code(&mut ws, None).await, "not_found");
+    // NUL is in no id, on either backend.
+    for kind in ["watch", "takeover", "close"] {
+        ask(&mut ws, kind, "abc\u{0}def").await;
+        assert_eq!(error_code(&mut ws, None).await, "not_found", "{kind}");
+    }
     // Still usable.
     ws.ping("after").await;
 }

@@ -312,7 +312,11 @@ impl WsSession {
         if self.allowed.contains(&session_id) {
             return then(self, session_id, ctx);
         }
-        if session_id.is_empty() || session_id.len() > MAX_SESSION_ID_BYTES {
+        // No conversation id holds NUL, and PostgreSQL refuses it in a query.
+        if session_id.is_empty()
+            || session_id.len() > MAX_SESSION_ID_BYTES
+            || session_id.contains('\0')
+        {
             return self.refuse("not_found", "no such conversation", Some(&session_id), ctx);
         }
         let db = self.db.clone();
