@@ -6,44 +6,11 @@ use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
+use crate::ai_http::{read_sse_until, sse_events};
 use crate::fake_http::{FakeServer, Reply};
 use crate::helpers::{assert_error, expect_json, spawn_app_with, TestApp};
 use crate::providers::{customer_with_session, stored_messages, use_openai};
 use crate::ws::WsClient;
-
-/// (event name, data) of each SSE event of a whole body.
-fn sse_events(body: &str) -> Vec<(String, Value)> {
-    body.split("\n\n")
-        .filter(|block| !block.trim().is_empty())
-        .map(|block| {
-            let name = block
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or_default();
-            let data = block
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap_or("null");
-            (name.to_string(), serde_json::from_str(data).unwrap())
-        })
-        .collect()
-}
-
-/// Reads an SSE response until `done` holds for the text so far (or it ends).
-async fn read_sse_until(res: &mut reqwest::Response, done: impl Fn(&str) -> bool) -> String {
-    let mut text = String::new();
-    while !done(&text) {
-        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), res.chunk())
-            .await
-            .unwrap_or_else(|_| panic!("no SSE event within 30 s; so far: {text}"))
-            .expect("reading the stream");
-        match chunk {
-            Some(bytes) => text.push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
-            None => break,
-        }
-    }
-    text
-}
 
 /// A dashboard, read past its snapshot.
 async fn dashboard(app: &TestApp, email: &str) -> WsClient {

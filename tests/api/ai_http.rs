@@ -15,7 +15,7 @@ fn fast_demo(s: &mut switchboard::config::Settings) {
 }
 
 /// The events of an SSE body: (event name, data as JSON).
-fn sse_events(body: &str) -> Vec<(String, Value)> {
+pub fn sse_events(body: &str) -> Vec<(String, Value)> {
     body.split("\n\n")
         .filter(|block| !block.trim().is_empty())
         .map(|block| {
@@ -33,6 +33,23 @@ fn sse_events(body: &str) -> Vec<(String, Value)> {
             (name, data)
         })
         .collect()
+}
+
+/// Reads an SSE response until `done` holds for the text so far, or it ends; returns the
+/// text read.
+pub async fn read_sse_until(res: &mut reqwest::Response, done: impl Fn(&str) -> bool) -> String {
+    let mut text = String::new();
+    while !done(&text) {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), res.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no SSE event within 30 s; so far: {text}"))
+            .expect("reading the stream");
+        match chunk {
+            Some(bytes) => text.push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
+            None => break,
+        }
+    }
+    text
 }
 
 #[tokio::test]

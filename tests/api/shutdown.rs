@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use switchboard::db::models::Role;
 
+use crate::ai_http::{read_sse_until, sse_events};
 use crate::helpers::{connect, insert_user, TestDatabase, CONFIG_DIR, JWT_SECRET};
 use crate::realtime::hold_write_lock;
 use crate::ws::{try_connect, WsClient, CUSTOMER_PATH, STAFF_PATH};
@@ -296,40 +297,6 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
     assert!(!streamed.is_empty());
     let ids: Vec<Option<&str>> = other_rows.iter().map(|m| m.client_id.as_deref()).collect();
     assert_eq!(ids, [Some("o-0"), None, Some("o-1")], "{other_rows:?}");
-}
-
-/// Reads an SSE response until `done` holds for the text so far; returns the text.
-async fn read_sse_until(res: &mut reqwest::Response, done: impl Fn(&str) -> bool) -> String {
-    let mut text = String::new();
-    while !done(&text) {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), res.chunk())
-            .await
-            .unwrap_or_else(|_| panic!("no SSE event within 30 s; so far: {text}"))
-            .expect("reading the stream");
-        match chunk {
-            Some(bytes) => text.push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
-            None => break,
-        }
-    }
-    text
-}
-
-/// (event name, data) of each SSE event.
-fn sse_events(body: &str) -> Vec<(String, Value)> {
-    body.split("\n\n")
-        .filter(|block| !block.trim().is_empty())
-        .map(|block| {
-            let name = block
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or_default();
-            let data = block
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap_or("null");
-            (name.to_string(), serde_json::from_str(data).unwrap())
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
