@@ -270,6 +270,23 @@ impl Default for RealtimeSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AiSettings {
+    /// Who answers: `bedrock`, `openai` (any OpenAI-compatible server) or `demo` (`AI_PROVIDER`).
+    pub provider: String,
+    /// The model id sent to the provider; required for bedrock and openai (`AI_MODEL`).
+    pub model: String,
+    /// Further model ids of the same provider an admin may switch to
+    /// (`AI_MODELS`, comma-separated).
+    pub models: Vec<String>,
+    /// A second provider tried when the first cannot answer; empty for none
+    /// (`AI_FALLBACK_PROVIDER`).
+    pub fallback_provider: String,
+    /// The fallback provider's model; empty means `model` (`AI_FALLBACK_MODEL`).
+    pub fallback_model: String,
+    /// Sent to the model before the conversation (`AI_SYSTEM_PROMPT`).
+    pub system_prompt: String,
+    /// Most characters of conversation sent to the model; older turns are left out first
+    /// (`AI_HISTORY_CHARS`).
+    pub history_chars: usize,
     /// Inference workers (actors) answering in parallel; each runs many streams.
     pub workers: usize,
     /// Stored messages given to the model as the conversation so far.
@@ -279,15 +296,76 @@ pub struct AiSettings {
     /// Fault injection for tests: when not empty, the demo model panics on a customer message
     /// containing this text. Leave empty in production.
     pub demo_panic_trigger: String,
+    /// Base URL of the OpenAI-compatible API, up to and including `/v1` (`OPENAI_BASE_URL`).
+    pub openai_base_url: String,
+    /// Bearer key for the OpenAI-compatible API; empty sends none (`OPENAI_API_KEY`).
+    pub openai_api_key: Secret,
+    /// Bedrock region; empty uses the AWS chain (`AWS_REGION`).
+    pub aws_region: String,
+    /// Bedrock endpoint override; empty uses the AWS default (`AWS_ENDPOINT_URL_BEDROCK_RUNTIME`).
+    pub bedrock_endpoint_url: String,
+    /// Static Bedrock keys; empty uses the AWS credential chain (environment, profile, role).
+    pub bedrock_access_key_id: Secret,
+    /// Goes with `bedrock_access_key_id`.
+    pub bedrock_secret_access_key: Secret,
+    /// Tries per provider for one answer, the first included (`AI_RETRY_ATTEMPTS`). Only
+    /// throttling, timeouts, 5xx and unreachable endpoints are tried again.
+    pub retry_attempts: u32,
+    /// Pause before the first retry; doubled for each further one, with jitter
+    /// (`AI_RETRY_DELAY`).
+    pub retry_delay: HumanDuration,
+    /// Longest wait for the first piece of an answer (`AI_FIRST_TOKEN_TIMEOUT`).
+    pub first_token_timeout: HumanDuration,
+    /// Longest time one answer may take in all (`AI_ANSWER_TIMEOUT`).
+    pub answer_timeout: HumanDuration,
+    /// Failures in a row that open a provider's circuit breaker (`AI_BREAKER_FAILURES`).
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before letting one trial call through
+    /// (`AI_BREAKER_COOLDOWN`).
+    pub breaker_cooldown: HumanDuration,
+    /// Answer an identical context from the cache instead of the provider (`ENABLE_AI_CACHE`).
+    pub enable_cache: bool,
+    /// How long a cached answer is used (`AI_CACHE_TTL`).
+    pub cache_ttl: HumanDuration,
+    /// A burst of this many customer messages starts the AI turn at once (`AI_BATCH_SIZE`).
+    pub batch_size: usize,
+    /// Customer messages this close together become one AI turn; 0 answers each message at
+    /// once (`AI_BATCH_TIMEOUT`).
+    pub batch_timeout: HumanDuration,
 }
 
 impl Default for AiSettings {
     fn default() -> Self {
         AiSettings {
+            provider: "demo".into(),
+            model: String::new(),
+            models: Vec::new(),
+            fallback_provider: String::new(),
+            fallback_model: String::new(),
+            system_prompt: "You are a helpful, concise customer support consultant. \
+                            If you cannot help, say that a human agent can take over."
+                .into(),
+            history_chars: 12_000,
             workers: 2,
             history_messages: 20,
             demo_token_delay: HumanDuration::from_millis(30),
             demo_panic_trigger: String::new(),
+            openai_base_url: "http://127.0.0.1:11434/v1".into(),
+            openai_api_key: Secret::new(""),
+            aws_region: String::new(),
+            bedrock_endpoint_url: String::new(),
+            bedrock_access_key_id: Secret::new(""),
+            bedrock_secret_access_key: Secret::new(""),
+            retry_attempts: 3,
+            retry_delay: HumanDuration::from_millis(500),
+            first_token_timeout: HumanDuration::from_secs(30),
+            answer_timeout: HumanDuration::from_secs(120),
+            breaker_failures: 5,
+            breaker_cooldown: HumanDuration::from_secs(30),
+            enable_cache: false,
+            cache_ttl: HumanDuration::from_secs(3600),
+            batch_size: 10,
+            batch_timeout: HumanDuration::from_millis(0),
         }
     }
 }
@@ -332,6 +410,10 @@ impl Default for RateLimitSettings {
 enum Kind {
     Str,
     Int,
+    /// Comma-separated; blanks around items are dropped.
+    List,
+    /// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`.
+    Bool,
 }
 
 /// Operator-facing environment variables and the key each one sets.
@@ -420,6 +502,35 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("AI_WORKERS", "ai.workers", Kind::Int),
     ("AI_HISTORY_MESSAGES", "ai.history_messages", Kind::Int),
     ("AI_DEMO_TOKEN_DELAY", "ai.demo_token_delay", Kind::Str),
+    ("AI_PROVIDER", "ai.provider", Kind::Str),
+    ("AI_MODEL", "ai.model", Kind::Str),
+    ("AI_MODELS", "ai.models", Kind::List),
+    ("AI_FALLBACK_PROVIDER", "ai.fallback_provider", Kind::Str),
+    ("AI_FALLBACK_MODEL", "ai.fallback_model", Kind::Str),
+    ("AI_SYSTEM_PROMPT", "ai.system_prompt", Kind::Str),
+    ("AI_HISTORY_CHARS", "ai.history_chars", Kind::Int),
+    ("OPENAI_BASE_URL", "ai.openai_base_url", Kind::Str),
+    ("OPENAI_API_KEY", "ai.openai_api_key", Kind::Str),
+    ("AWS_REGION", "ai.aws_region", Kind::Str),
+    (
+        "AWS_ENDPOINT_URL_BEDROCK_RUNTIME",
+        "ai.bedrock_endpoint_url",
+        Kind::Str,
+    ),
+    ("AI_RETRY_ATTEMPTS", "ai.retry_attempts", Kind::Int),
+    ("AI_RETRY_DELAY", "ai.retry_delay", Kind::Str),
+    (
+        "AI_FIRST_TOKEN_TIMEOUT",
+        "ai.first_token_timeout",
+        Kind::Str,
+    ),
+    ("AI_ANSWER_TIMEOUT", "ai.answer_timeout", Kind::Str),
+    ("AI_BREAKER_FAILURES", "ai.breaker_failures", Kind::Int),
+    ("AI_BREAKER_COOLDOWN", "ai.breaker_cooldown", Kind::Str),
+    ("ENABLE_AI_CACHE", "ai.enable_cache", Kind::Bool),
+    ("AI_CACHE_TTL", "ai.cache_ttl", Kind::Str),
+    ("AI_BATCH_SIZE", "ai.batch_size", Kind::Int),
+    ("AI_BATCH_TIMEOUT", "ai.batch_timeout", Kind::Str),
 ];
 
 impl Settings {
@@ -497,6 +608,16 @@ impl Settings {
         {
             bail!("WS_OUTBOUND_QUEUE, AI_WORKERS and DB_GROUP_COMMIT_MAX must be at least 1");
         }
+        for (key, name) in [
+            ("AI_PROVIDER", &self.ai.provider),
+            ("AI_FALLBACK_PROVIDER", &self.ai.fallback_provider),
+        ] {
+            match name.as_str() {
+                "bedrock" | "openai" | "demo" => {}
+                "" if key == "AI_FALLBACK_PROVIDER" => {}
+                other => bail!("{key} must be bedrock, openai or demo, got `{other}`"),
+            }
+        }
         if self.database.max_open_conns == 0 {
             bail!("DB_MAX_OPEN_CONNS must be at least 1");
         }
@@ -565,6 +686,18 @@ fn set_path(table: &mut toml::Table, path: &str, value: toml::Value) {
 fn env_value(name: &str, raw: &str, kind: Kind) -> anyhow::Result<toml::Value> {
     Ok(match kind {
         Kind::Str => toml::Value::String(raw.to_string()),
+        Kind::Bool => toml::Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" | "" => false,
+            _ => bail!("{name} must be true or false, got `{raw}`"),
+        }),
+        Kind::List => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
         Kind::Int => toml::Value::Integer(
             raw.trim()
                 .parse()
@@ -765,6 +898,40 @@ mod tests {
         assert!(format!("{err:#}").contains("DB_MAX_OPEN_CONNS"), "{err:#}");
         let err = Settings::load_from(&vars(&[("JWT_EXPIRY", "soon")])).unwrap_err();
         assert!(format!("{err:#}").contains("soon"), "{err:#}");
+    }
+
+    #[test]
+    fn ai_variables_are_read_and_checked() {
+        let s = Settings::load_from(&vars(&[
+            ("AI_PROVIDER", "openai"),
+            ("AI_MODEL", "llama3.2"),
+            ("AI_MODELS", " a, b ,,c "),
+            ("ENABLE_AI_CACHE", "yes"),
+            ("AI_RETRY_ATTEMPTS", "5"),
+            ("AI_RETRY_DELAY", "250ms"),
+            ("OPENAI_API_KEY", "sk-secret-value"),
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", "http://127.0.0.1:4566"),
+        ]))
+        .unwrap();
+        assert_eq!(s.ai.aws_region, "eu-west-1");
+        assert_eq!(s.ai.bedrock_endpoint_url, "http://127.0.0.1:4566");
+        assert_eq!(s.ai.provider, "openai");
+        assert_eq!(s.ai.models, ["a", "b", "c"]);
+        assert!(s.ai.enable_cache);
+        assert_eq!(s.ai.retry_attempts, 5);
+        assert_eq!(s.ai.retry_delay.get(), Duration::from_millis(250));
+        assert!(!format!("{s:?}").contains("sk-secret-value"));
+
+        let err = Settings::load_from(&vars(&[("AI_PROVIDER", "gpt")])).unwrap_err();
+        assert!(format!("{err:#}").contains("AI_PROVIDER"), "{err:#}");
+        let err = Settings::load_from(&vars(&[("AI_FALLBACK_PROVIDER", "x")])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("AI_FALLBACK_PROVIDER"),
+            "{err:#}"
+        );
+        let err = Settings::load_from(&vars(&[("ENABLE_AI_CACHE", "maybe")])).unwrap_err();
+        assert!(format!("{err:#}").contains("ENABLE_AI_CACHE"), "{err:#}");
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub enum ApiError {
     SessionNotActive(String),
     #[error("{0} is unavailable")]
     Unavailable(&'static str),
+    #[error("{0}")]
+    AiUnavailable(String),
+    #[error("{0}")]
+    AiFailed(String),
+    #[error("{0}")]
+    ShuttingDown(&'static str),
     #[error("too many requests; retry in {} s", .0.retry_after.as_secs().max(1))]
     RateLimited(crate::ratelimit::Verdict),
     #[error("internal error; the cause is in the server log")]
@@ -65,6 +71,9 @@ impl ApiError {
             ApiError::OwnAccount(_) => "own_account",
             ApiError::SessionNotActive(_) => "session_not_active",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::AiUnavailable(_) => "ai_unavailable",
+            ApiError::AiFailed(_) => "ai_failed",
+            ApiError::ShuttingDown(_) => "shutting_down",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Internal => "internal",
         }
@@ -102,7 +111,10 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::SessionNotActive(_) => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::AiUnavailable(_) | ApiError::ShuttingDown(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::AiFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

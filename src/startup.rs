@@ -12,15 +12,18 @@ use anyhow::Context;
 use actix::{Actor, Addr};
 
 use crate::actors::account_watch::AccountWatch;
-use crate::actors::inference::InferencePool;
+use crate::actors::inference::{Answering, InferencePool};
 use crate::actors::persistence::Db;
 use crate::actors::session_manager::desk::DeskSettings;
 use crate::actors::session_manager::messages::Drain;
-use crate::actors::session_manager::SessionManager;
+use crate::actors::session_manager::{Coalescing, SessionManager};
 use crate::auth::JwtKeys;
+use crate::cache::{AnswerCache, MemoryCache, MEMORY_CACHE_ENTRIES};
 use crate::config::Settings;
 use crate::db;
-use crate::providers::demo::DemoProvider;
+use crate::providers;
+use crate::providers::metrics::AiMetrics;
+use crate::providers::resilient::{Policy, Resilient};
 use crate::ratelimit::{self, RateLimits};
 use crate::routes;
 use crate::telemetry::RequestId;
@@ -31,6 +34,8 @@ pub struct AppState {
     pub db: Db,
     pub jwt: JwtKeys,
     pub manager: Addr<SessionManager>,
+    /// The AI providers behind their retry and breaker policy.
+    pub ai: Arc<Resilient>,
     pub limits: Arc<RateLimits>,
 }
 
@@ -60,15 +65,51 @@ impl Application {
         })?;
         let port = listener.local_addr()?.port();
 
-        let provider = Arc::new(DemoProvider::new(
-            settings.ai.demo_token_delay.get(),
-            &settings.ai.demo_panic_trigger,
+        let provider = providers::build(&settings.ai.provider, &settings.ai)
+            .await
+            .with_context(|| format!("setting up the AI provider `{}`", settings.ai.provider))?;
+        if provider.is_demo() {
+            log::warn!(
+                "AI_PROVIDER is demo: customers get canned answers. Set AI_PROVIDER=bedrock or openai"
+            );
+        }
+        let fallback = match settings.ai.fallback_provider.as_str() {
+            "" => None,
+            name => {
+                let mut ai = settings.ai.clone();
+                if !ai.fallback_model.is_empty() {
+                    ai.model = ai.fallback_model.clone();
+                }
+                let built = providers::build(name, &ai)
+                    .await
+                    .with_context(|| format!("setting up the fallback AI provider `{name}`"))?;
+                Some(built)
+            }
+        };
+        let ai = Arc::new(Resilient::new(
+            provider,
+            fallback,
+            Policy::from_settings(&settings.ai),
+            settings.ai.breaker_failures,
+            settings.ai.breaker_cooldown.get(),
+            Arc::new(AiMetrics::default()),
+            &settings.ai.models,
         ));
+        let cache: Option<Arc<dyn AnswerCache>> = settings.ai.enable_cache.then(|| {
+            Arc::new(MemoryCache::new(
+                settings.ai.cache_ttl.get(),
+                MEMORY_CACHE_ENTRIES,
+            )) as Arc<dyn AnswerCache>
+        });
         let inference = InferencePool::start(
             settings.ai.workers,
-            provider,
+            ai.clone(),
             db.clone(),
-            settings.ai.history_messages,
+            Answering {
+                history_messages: settings.ai.history_messages,
+                system_prompt: settings.ai.system_prompt.clone(),
+                cache,
+            },
         );
         let held_at_start = db
             .run(|c| Ok(db::models::desk::held(c)?))
@@ -80,6 +121,10 @@ impl Application {
             settings.database.group_commit_max,
             settings.realtime.resume_max,
             settings.realtime.outbound_queue,
+            Coalescing {
+                max_messages: settings.ai.batch_size.max(1),
+                pause: settings.ai.batch_timeout.get(),
+            },
             DeskSettings {
                 human_wait: settings.chat.human_wait.get(),
                 snapshot_max: settings.chat.desk_snapshot_max.max(1),
@@ -100,6 +145,7 @@ impl Application {
             settings: Arc::new(settings.clone()),
             db,
             manager: manager.clone(),
+            ai,
             limits: Arc::new(RateLimits::new(&settings.rate_limit)),
         });
         let workers = match settings.server.workers {

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use futures_util::stream;
 
-use super::{ChatRequest, Provider, TokenStream};
+use futures_util::future::BoxFuture;
+
+use super::{Answer, ChatRequest, Chunk, Provider, ProviderError, TokenStream};
 
 pub const MODEL: &str = "switchboard-demo";
 
@@ -39,6 +41,16 @@ pub fn answer(question: &str) -> String {
     )
 }
 
+fn last_question(request: &ChatRequest) -> String {
+    request
+        .history
+        .iter()
+        .rev()
+        .find(|t| t.role == "user")
+        .map(|t| t.content.clone())
+        .unwrap_or_default()
+}
+
 /// Splits text into word-sized deltas that join back to the text exactly.
 pub fn tokens(text: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -64,14 +76,17 @@ impl Provider for DemoProvider {
         MODEL
     }
 
+    fn is_demo(&self) -> bool {
+        true
+    }
+
+    fn complete(&self, request: ChatRequest) -> BoxFuture<'static, Result<Answer, ProviderError>> {
+        let text = answer(&last_question(&request));
+        Box::pin(async move { Ok(Answer { text, usage: None }) })
+    }
+
     fn stream(&self, request: ChatRequest) -> TokenStream {
-        let question = request
-            .history
-            .iter()
-            .rev()
-            .find(|t| t.role == "user")
-            .map(|t| t.content.clone())
-            .unwrap_or_default();
+        let question = last_question(&request);
         let panics = self
             .panic_trigger
             .as_deref()
@@ -88,7 +103,7 @@ impl Provider for DemoProvider {
                 if panics {
                     panic!("demo model fault injection: the message asked the demo model to panic");
                 }
-                Some((Ok(next), (rest, false)))
+                Some((Ok(Chunk::Text(next)), (rest, false)))
             },
         ))
     }

@@ -7,7 +7,9 @@
 //! another method answers 405 with `Allow` instead of falling through to 404.
 
 mod auth;
+mod chat;
 mod health;
+mod llm;
 mod pages;
 mod search;
 mod sessions;
@@ -41,6 +43,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
             .configure(users::routes)
             .configure(sessions::routes)
             .configure(sessions::admin_routes)
+            .configure(chat::routes)
+            .configure(llm::routes)
+            .configure(llm::admin_routes)
             .configure(search::routes)
             .configure(search::admin_routes)
             .configure(ws::routes),
@@ -49,6 +54,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, settings: &Settings) {
         web::scope("/api")
             .service(web::resource("/health").get(health::health))
             .configure(sessions::routes)
+            .configure(chat::routes)
+            .configure(llm::routes)
             .configure(search::routes),
     )
     .configure(pages::routes)

@@ -270,9 +270,8 @@ async fn post_message(
         Err(AppendFailure::Rejected(Rejected::SessionNotFound)) => {
             Err(ApiError::NotFound("conversation"))
         }
-        Err(AppendFailure::Store | AppendFailure::ShuttingDown) => {
-            Err(ApiError::Unavailable("the message store"))
-        }
+        Err(AppendFailure::Store) => Err(ApiError::Unavailable("the message store")),
+        Err(AppendFailure::ShuttingDown) => Err(ApiError::ShuttingDown(super::chat::NOT_STORED)),
     }
 }
 

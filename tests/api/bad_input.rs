@@ -51,6 +51,24 @@ fn json_endpoints(session: &str) -> Vec<(String, Value)> {
             format!("/api/chat/sessions/{session}/messages"),
             json!({"content": "hi"}),
         ),
+        (
+            "/api/v1/chat/send".into(),
+            json!({"session_id": session, "message": "hi"}),
+        ),
+        (
+            "/api/chat/send".into(),
+            json!({"session_id": session, "message": "hi"}),
+        ),
+        (
+            "/api/v1/chat/stream".into(),
+            json!({"session_id": session, "message": "hi"}),
+        ),
+        (
+            "/api/chat/stream".into(),
+            json!({"session_id": session, "message": "hi"}),
+        ),
+        ("/api/v1/llm/active-model".into(), json!({"model_id": "x"})),
+        ("/api/llm/active-model".into(), json!({"model_id": "x"})),
     ]
 }
 
@@ -76,12 +94,20 @@ fn authenticated_endpoints(session: &str) -> Vec<(Method, String)> {
             Method::POST,
             format!("/api/v1/admin/chat/sessions/{session}/restore"),
         ),
+        (Method::GET, "/api/v1/admin/chat/metrics/ai".into()),
         // Refused before the id is looked up, so any id does.
         (
             Method::PATCH,
             format!("/api/v1/admin/users/{}", uuid::Uuid::nil()),
         ),
     ];
+    for base in ["/api/v1", "/api"] {
+        out.push((Method::POST, format!("{base}/chat/send")));
+        out.push((Method::POST, format!("{base}/chat/stream")));
+        out.push((Method::GET, format!("{base}/llm/models")));
+        out.push((Method::GET, format!("{base}/llm/providers")));
+        out.push((Method::POST, format!("{base}/llm/active-model")));
+    }
     for base in ["/api/v1/chat/sessions", "/api/chat/sessions"] {
         out.push((Method::GET, base.to_string()));
         out.push((Method::POST, base.to_string()));
@@ -359,6 +385,40 @@ async fn missing_fields_and_wrong_types_are_400() {
             "invalid_client_id",
         ),
     ];
+    let mut cases: Vec<(&str, Value, &str)> = cases;
+    for ask in ["/api/v1/chat/send", "/api/chat/stream"] {
+        let sid = w.session.as_str();
+        cases.extend([
+            (ask, json!({}), "invalid_json"),
+            (ask, json!({"session_id": sid}), "invalid_json"),
+            (ask, json!({"message": "hi"}), "invalid_json"),
+            (
+                ask,
+                json!({"session_id": 7, "message": "hi"}),
+                "invalid_json",
+            ),
+            (
+                ask,
+                json!({"session_id": sid, "message": null}),
+                "invalid_json",
+            ),
+            (
+                ask,
+                json!({"session_id": sid, "message": "hi", "model": "x"}),
+                "invalid_json",
+            ),
+            (
+                ask,
+                json!({"session_id": sid, "message": ""}),
+                "empty_message",
+            ),
+            (
+                ask,
+                json!({"session_id": sid, "message": "a\u{0}b"}),
+                "invalid_content",
+            ),
+        ]);
+    }
     for (path, body, code) in cases {
         let res = app.post_json(path, &w.customer.access_token, &body).await;
         let err = assert_error(res, 400, code).await;
@@ -501,6 +561,40 @@ async fn unknown_and_hostile_ids_are_404() {
                     assert_error(res, 404, "not_found").await;
                 }
             }
+        }
+    }
+    assert_eq!(app.counts().await, before);
+}
+
+/// A question to the AI names its conversation in the body; the same ids, as typed.
+#[tokio::test]
+async fn unknown_and_hostile_ids_in_a_question_are_404() {
+    let app = spawn_app().await;
+    let w = world(&app).await;
+    let before = app.counts().await;
+    let long = "a".repeat(5000);
+    for path in ["/api/v1/chat/send", "/api/chat/stream"] {
+        for id in [
+            "not-a-uuid",
+            "00000000-0000-0000-0000-000000000000",
+            "\u{0}",
+            "abc\u{0}def",
+            "' OR '1'='1",
+            "1; DROP TABLE chat_sessions; --",
+            "日本語",
+            "../../etc/passwd",
+            "",
+            long.as_str(),
+        ] {
+            let res = app
+                .post_json(
+                    path,
+                    &w.customer.access_token,
+                    &json!({"session_id": id, "message": "hi"}),
+                )
+                .await;
+            assert_eq!(res.status(), 404, "{path} {id:?}");
+            assert_error(res, 404, "not_found").await;
         }
     }
     assert_eq!(app.counts().await, before);

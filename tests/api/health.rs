@@ -119,6 +119,14 @@ async fn a_known_path_with_another_method_is_405_with_allow() {
             "/api/v1/admin/chat/sessions/some-id/restore",
             "POST",
         ),
+        (Method::GET, "/api/v1/chat/send", "POST"),
+        (Method::PUT, "/api/chat/send", "POST"),
+        (Method::GET, "/api/v1/chat/stream", "POST"),
+        (Method::DELETE, "/api/chat/stream", "POST"),
+        (Method::POST, "/api/v1/llm/models", "GET"),
+        (Method::DELETE, "/api/llm/providers", "GET"),
+        (Method::GET, "/api/v1/llm/active-model", "POST"),
+        (Method::POST, "/api/v1/admin/chat/metrics/ai", "GET"),
     ] {
         let res = app
             .request(method.clone(), path, Some(&guest.access_token))

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use switchboard::db::models::Role;
 
+use crate::ai_http::{read_sse_until, sse_events};
 use crate::helpers::{connect, insert_user, TestDatabase, CONFIG_DIR, JWT_SECRET};
 use crate::realtime::hold_write_lock;
 use crate::ws::{try_connect, WsClient, CUSTOMER_PATH, STAFF_PATH};
@@ -296,6 +297,138 @@ async fn sigterm_interrupts_answers_stores_them_and_closes_sockets_with_a_reason
     assert!(!streamed.is_empty());
     let ids: Vec<Option<&str>> = other_rows.iter().map(|m| m.client_id.as_deref()).collect();
     assert_eq!(ids, [Some("o-0"), None, Some("o-1")], "{other_rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_ai_requests_in_flight_and_refuses_new_ones_with_shutting_down() {
+    let db = TestDatabase::new();
+    // Slow tokens: the answers are still being written when the signal comes.
+    let mut server = start_server(&db.url, &[("AI_DEMO_TOKEN_DELAY", "400ms")]);
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    // A streams its answer.
+    let (a_token, a_sid) = guest_with_session(&http, &base).await;
+    let mut a = http
+        .post(format!("{base}/api/v1/chat/stream"))
+        .bearer_auth(&a_token)
+        .json(&json!({"session_id": a_sid, "message": "streamed before the restart"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 200);
+    let mut a_text = read_sse_until(&mut a, |t| t.matches("event: token").count() >= 2).await;
+
+    // B waits for a whole answer; a socket in B's conversation shows it has begun.
+    let (b_token, b_sid) = guest_with_session(&http, &base).await;
+    let mut b_ws = connect_customer(&server, &b_token).await;
+    b_ws.resume(&b_sid, 0).await;
+    b_ws.until(|f| f["type"] == "resumed").await;
+    let b = tokio::spawn({
+        let (http, base, b_token, b_sid) =
+            (http.clone(), base.clone(), b_token.clone(), b_sid.clone());
+        async move {
+            http.post(format!("{base}/api/chat/send"))
+                .bearer_auth(&b_token)
+                .json(&json!({"session_id": b_sid, "message": "sent before the restart"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    b_ws.next_of("token").await;
+
+    // C's question is on its way: the connection is open, the body not all sent.
+    let (c_token, c_sid) = guest_with_session(&http, &base).await;
+    let c_client = reqwest::Client::builder().no_proxy().build().unwrap();
+    c_client
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    let (body_tx, mut body_rx) = tokio::sync::mpsc::channel::<String>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn(move |cx| {
+        body_rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(Ok::<_, std::io::Error>))
+    }));
+    let c = tokio::spawn({
+        let (base, c_token) = (base.clone(), c_token.clone());
+        async move {
+            c_client
+                .post(format!("{base}/api/v1/chat/send"))
+                .bearer_auth(&c_token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    body_tx
+        .send(format!("{{\"session_id\":\"{c_sid}\","))
+        .await
+        .unwrap();
+
+    // The interrupted answers wait on the database until C has been answered.
+    let release = hold_write_lock(&db.url);
+    sigterm(&server);
+    server.wait_for_log("shutting down: interrupting");
+    body_tx
+        .send("\"message\":\"asked during the restart\"}".into())
+        .await
+        .unwrap();
+    drop(body_tx);
+    let refused = c.await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(refused["error"], "shutting_down", "{refused}");
+    release.send(()).unwrap();
+
+    // The stream ends with its answer, stored as interrupted.
+    a_text.push_str(&read_sse_until(&mut a, |_| false).await);
+    let events = sse_events(&a_text);
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    assert_eq!(done["interrupted"], true, "{done}");
+    assert_eq!(done["seq"], 2, "{done}");
+    let streamed: String = events
+        .iter()
+        .filter(|(name, _)| name == "token")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+
+    // The waiting request gets the answer as far as it was written.
+    let b = b.await.unwrap();
+    assert_eq!(b.status(), 200);
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(b["answer"]["interrupted"], true, "{b}");
+    assert_eq!(b["answer"]["seq"], 2, "{b}");
+    assert!(!b["answer"]["content"].as_str().unwrap().is_empty(), "{b}");
+
+    expect_clean_exit(&mut server).await;
+
+    let url = db.url.clone();
+    let (a_rows, b_rows, c_rows) = tokio::task::spawn_blocking(move || {
+        (
+            stored(&url, &a_sid),
+            stored(&url, &b_sid),
+            stored(&url, &c_sid),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(a_rows.len(), 2, "{a_rows:?}");
+    assert!(a_rows[1].interrupted, "{:?}", a_rows[1]);
+    assert_eq!(a_rows[1].content, streamed, "stored what was streamed");
+    assert_eq!(b_rows.len(), 2, "{b_rows:?}");
+    assert_eq!(b_rows[1].content, b["answer"]["content"].as_str().unwrap());
+    assert!(
+        c_rows.is_empty(),
+        "nothing stored for a refused question: {c_rows:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,11 @@
 //! `catch_unwind`: a panicking provider costs that one answer, which ends as
 //! `ai_failed`; the worker then stops and its supervisor starts a fresh one, and every other
 //! answer goes on. The SessionManager talks to the pool through [`InferencePool`].
+//!
+//! Providers are reached through [`Resilient`] (timeouts, retries, circuit breakers, the
+//! fallback); an answer no provider can start ends as `ai_unavailable`, one that breaks after
+//! its first token as `ai_failed`. With the answer cache on, an identical context is
+//! answered from the cache, streamed token by token like a fresh answer.
 
 pub mod messages;
 
@@ -16,20 +21,37 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use futures_util::{FutureExt, StreamExt};
+use tokio::sync::oneshot::error::TryRecvError;
 
 use messages::ProviderPanicked;
 pub use messages::StartReply;
 
 use crate::actors::persistence::{panic_message, Db};
 use crate::actors::session_manager::messages::{ReplyFinished, ReplyOutcome, TokenChunk};
+use crate::cache::{context_key, AnswerCache, CachedAnswer};
 use crate::db::models::message::{self, Order};
-use crate::providers::{ChatRequest, Provider, Turn};
+use crate::providers::demo;
+use crate::providers::resilient::Resilient;
+use crate::providers::{ChatRequest, Chunk, Turn, Usage};
+
+/// The code of an answer no provider could start: the conversation is offered to a human.
+pub const AI_UNAVAILABLE: &str = "ai_unavailable";
 
 pub struct InferenceWorker {
     index: usize,
-    provider: Arc<dyn Provider>,
+    ai: Arc<Resilient>,
     db: Db,
-    history_messages: i64,
+    answers: Arc<Answering>,
+}
+
+/// How answers are prepared, shared by every worker.
+pub struct Answering {
+    /// Stored messages given to the model as the conversation so far.
+    pub history_messages: i64,
+    /// Part of an answer's context, so part of its cache key.
+    pub system_prompt: String,
+    /// Answers given before, by context; `None` when caching is off.
+    pub cache: Option<Arc<dyn AnswerCache>>,
 }
 
 impl Actor for InferenceWorker {
@@ -39,7 +61,7 @@ impl Actor for InferenceWorker {
         log::debug!(
             "inference worker {} ready ({})",
             self.index,
-            self.provider.name()
+            self.ai.primary().name()
         );
     }
 }
@@ -57,37 +79,39 @@ impl Handler<StartReply> for InferenceWorker {
     type Result = ();
 
     fn handle(&mut self, msg: StartReply, ctx: &mut Context<Self>) {
-        let provider = self.provider.clone();
+        let ai = self.ai.clone();
         let db = self.db.clone();
-        let limit = self.history_messages;
+        let answers = self.answers.clone();
         let me = ctx.address();
         let finished = msg.finished.clone();
         let (session_id, reply_id) = (msg.session_id.clone(), msg.reply_id.clone());
-        let model = provider.model().to_string();
+        let primary_model = ai.primary().model().to_string();
         actix::spawn(async move {
-            let outcome = match AssertUnwindSafe(write_reply(provider, db, limit, msg))
+            let (outcome, usage, model) = match AssertUnwindSafe(write_reply(ai, db, answers, msg))
                 .catch_unwind()
                 .await
             {
-                Ok(outcome) => outcome,
+                Ok(done) => done,
                 Err(panic) => {
                     log::error!(
                         "the provider panicked while answering in {session_id}: {}",
                         panic_message(&panic)
                     );
                     me.do_send(ProviderPanicked);
-                    ReplyOutcome::Failed {
+                    let failed = ReplyOutcome::Failed {
                         code: "ai_failed",
                         message: "the AI consultant failed while answering; please try again"
                             .into(),
-                    }
+                    };
+                    (failed, None, Some(primary_model))
                 }
             };
             finished.do_send(ReplyFinished {
                 session_id,
                 reply_id,
                 outcome,
-                model: Some(model),
+                model,
+                tokens: usage.and_then(|u| i32::try_from(u.output_tokens).ok()),
             });
         });
     }
@@ -102,14 +126,24 @@ impl Handler<ProviderPanicked> for InferenceWorker {
     }
 }
 
-/// Loads the conversation, streams the provider's answer to the SessionManager, and says how
-/// it ended. Runs as its own task.
+/// How an answer ended, what it cost, and which model gave it.
+type Written = (ReplyOutcome, Option<Usage>, Option<String>);
+
+fn failed_midway() -> ReplyOutcome {
+    ReplyOutcome::Failed {
+        code: "ai_failed",
+        message: "the AI consultant failed while answering; please try again".into(),
+    }
+}
+
+/// Loads the conversation, streams the answer to the SessionManager, and says how it ended.
+/// Runs as its own task.
 async fn write_reply(
-    provider: Arc<dyn Provider>,
+    ai: Arc<Resilient>,
     db: Db,
-    limit: i64,
+    answers: Arc<Answering>,
     msg: StartReply,
-) -> ReplyOutcome {
+) -> Written {
     let StartReply {
         session_id,
         reply_id,
@@ -118,6 +152,7 @@ async fn write_reply(
         ..
     } = msg;
     let sid = session_id.clone();
+    let limit = answers.history_messages;
     let history = match db
         .run(move |c| Ok(message::page(c, &sid, Order::Desc, None, limit)?))
         .await
@@ -133,37 +168,98 @@ async fn write_reply(
         }
         Err(e) => {
             log::error!("loading history for {session_id} failed: {e}");
-            return ReplyOutcome::Failed {
+            let failed = ReplyOutcome::Failed {
                 code: "ai_failed",
                 message: "the conversation could not be loaded for the AI consultant".into(),
             };
+            return (failed, None, None);
         }
     };
-    let mut stream = provider.stream(ChatRequest {
+    let request = ChatRequest {
         session_id: session_id.clone(),
         history,
+        model: None,
+    };
+    let cache_key = answers.cache.as_ref().map(|_| {
+        let primary = ai.primary();
+        context_key(
+            primary.name(),
+            &ai.active_model(),
+            &answers.system_prompt,
+            &request.history,
+        )
     });
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut cancel => return ReplyOutcome::Cancelled,
-            next = stream.next() => match next {
-                Some(Ok(delta)) => tokens.do_send(TokenChunk {
+    if let (Some(cache), Some(key)) = (&answers.cache, &cache_key) {
+        if let Some(hit) = cache.get(key).await {
+            ai.metrics().cache_hit(&hit.provider, &hit.model);
+            // Streamed the same way as a fresh answer, so clients cannot tell the difference.
+            for delta in demo::tokens(&hit.text) {
+                if !matches!(cancel.try_recv(), Err(TryRecvError::Empty)) {
+                    return (ReplyOutcome::Cancelled, None, Some(hit.model));
+                }
+                tokens.do_send(TokenChunk {
                     session_id: session_id.clone(),
                     reply_id: reply_id.clone(),
                     delta,
-                }),
-                Some(Err(e)) => {
-                    log::warn!("provider {} failed in {session_id}: {e}", provider.name());
-                    return ReplyOutcome::Failed {
-                        code: "ai_failed",
-                        message: "the AI consultant failed while answering; please try again".into(),
-                    };
+                });
+            }
+            return (ReplyOutcome::Complete, None, Some(hit.model));
+        }
+    }
+    let opened = tokio::select! {
+        biased;
+        _ = &mut cancel => return (ReplyOutcome::Cancelled, None, None),
+        opened = ai.open(&request) => opened,
+    };
+    let mut opened = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            log::error!("no AI provider could answer in {session_id}: {e}");
+            let unavailable = ReplyOutcome::Failed {
+                code: AI_UNAVAILABLE,
+                message: "the AI consultant is unavailable right now; a human agent has been \
+                          asked to take over"
+                    .into(),
+            };
+            return (unavailable, None, None);
+        }
+    };
+    let model = Some(opened.model.clone());
+    let mut usage = None;
+    let mut text = String::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut cancel => return (ReplyOutcome::Cancelled, usage, model),
+            next = opened.stream.next() => match next {
+                Some(Ok(Chunk::Text(delta))) => {
+                    if cache_key.is_some() {
+                        text.push_str(&delta);
+                    }
+                    tokens.do_send(TokenChunk {
+                        session_id: session_id.clone(),
+                        reply_id: reply_id.clone(),
+                        delta,
+                    });
                 }
-                None => return ReplyOutcome::Complete,
+                Some(Ok(Chunk::Usage(u))) => usage = Some(u),
+                Some(Err(_)) => return (failed_midway(), usage, model),
+                None => break,
             }
         }
     }
+    // Only the primary's whole answers are kept: a fallback's stands in for a moment.
+    if let (Some(cache), Some(key)) = (&answers.cache, cache_key) {
+        if !opened.is_fallback && !text.is_empty() {
+            let answer = CachedAnswer {
+                text,
+                provider: opened.provider.clone(),
+                model: opened.model.clone(),
+            };
+            cache.put(key, answer).await;
+        }
+    }
+    (ReplyOutcome::Complete, usage, model)
 }
 
 /// The pool: starts the workers and hands out answers round-robin.
@@ -174,21 +270,18 @@ pub struct InferencePool {
 }
 
 impl InferencePool {
-    pub fn start(
-        size: usize,
-        provider: Arc<dyn Provider>,
-        db: Db,
-        history_messages: i64,
-    ) -> InferencePool {
+    pub fn start(size: usize, ai: Arc<Resilient>, db: Db, answers: Answering) -> InferencePool {
+        let answers = Arc::new(answers);
         let workers = (0..size.max(1))
             .map(|index| {
-                let provider = provider.clone();
+                let ai = ai.clone();
                 let db = db.clone();
+                let answers = answers.clone();
                 Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| InferenceWorker {
                     index,
-                    provider,
+                    ai,
                     db,
-                    history_messages,
+                    answers,
                 })
             })
             .collect();

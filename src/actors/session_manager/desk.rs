@@ -36,6 +36,24 @@ enum Hold {
     Queued(NaiveDateTime),
 }
 
+/// Whom a conversation waits for instead of the AI, as the AI endpoints report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HumanHold {
+    /// An agent has taken it over and answers.
+    TakenOver,
+    /// It is in the human queue.
+    Queued,
+}
+
+impl HumanHold {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HumanHold::TakenOver => "taken_over",
+            HumanHold::Queued => "queued",
+        }
+    }
+}
+
 /// What the desk starts with.
 #[derive(Clone)]
 pub struct DeskSettings {
@@ -87,6 +105,14 @@ impl Desk {
                 self.missed.insert(session_id.to_string());
                 true
             }
+        }
+    }
+
+    /// Whether an agent or the human queue has the conversation (the AI is silent there).
+    pub fn human_hold(&self, session_id: &str) -> Option<HumanHold> {
+        match self.held.get(session_id)? {
+            Hold::Human => Some(HumanHold::TakenOver),
+            Hold::Queued(_) => Some(HumanHold::Queued),
         }
     }
 
@@ -283,14 +309,16 @@ impl SessionManager {
         }));
     }
 
-    /// Cancels the AI answer in flight in a conversation and any turn waiting for it.
-    fn silence_ai(&mut self, session_id: &str) {
+    /// Cancels the AI answer in flight in a conversation and any turn waiting for it: a
+    /// follow-up turn, or a burst of customer messages waiting for its pause to end.
+    fn silence_ai(&mut self, session_id: &str, ctx: &mut Context<Self>) {
         if let Some(conv) = self.conversations.get_mut(session_id) {
             conv.turn_pending = false;
             if let Some(cancel) = conv.reply.as_mut().and_then(|r| r.cancel.take()) {
                 let _ = cancel.send(());
             }
         }
+        self.drop_burst(session_id, ctx);
     }
 
     fn hold_queued(&mut self, session_id: &str, since: NaiveDateTime, ctx: &mut Context<Self>) {
@@ -395,7 +423,7 @@ impl SessionManager {
                 Ok(Ok(_)) => {
                     act.unhold(&sid, ctx);
                     act.desk.held.insert(sid.clone(), Hold::Human);
-                    act.silence_ai(&sid);
+                    act.silence_ai(&sid, ctx);
                     if !act.is_member(cmd.conn_id, &sid) {
                         act.join(cmd.conn_id, sid.clone(), Some(0), true, ctx);
                     }
@@ -480,7 +508,7 @@ impl SessionManager {
         match s.human_requested_at {
             Some(since) if s.mode != MODE_HUMAN => {
                 self.hold_queued(&sid, since, ctx);
-                self.silence_ai(&sid);
+                self.silence_ai(&sid, ctx);
                 let frame = ServerFrame::HumanRequested {
                     session_id: sid.clone(),
                 };
@@ -531,7 +559,7 @@ impl SessionManager {
         if status != ACTIVE {
             let was_queued = matches!(self.desk.held.get(session_id), Some(Hold::Queued(_)));
             self.unhold(session_id, ctx);
-            self.silence_ai(session_id);
+            self.silence_ai(session_id, ctx);
             self.desk.queue_dirty |= was_queued;
         }
         let frame = ServerFrame::Status {

@@ -5,6 +5,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::{mpsc, oneshot};
 
+use super::desk::HumanHold;
 use crate::db::models::message::Rejected;
 use crate::db::models::{Appended, ChatMessage, Role};
 use crate::protocol::AgentView;
@@ -104,10 +105,22 @@ pub enum Origin {
         client_id: String,
     },
     Http(oneshot::Sender<Result<Appended, AppendFailure>>),
+    /// A customer's question over HTTP, whose asker waits for the answer.
+    Ask(oneshot::Sender<Result<Asked, AppendFailure>>),
     Reply {
         session_id: String,
         reply_id: String,
     },
+}
+
+/// A question stored, and the answer that was already being written when it was (so not
+/// its answer: answers in a conversation come one after another).
+#[derive(Debug)]
+pub struct Asked {
+    pub appended: Appended,
+    pub earlier_reply: Option<String>,
+    /// Set when an agent or the human queue has the conversation: no AI answer will come.
+    pub human: Option<HumanHold>,
 }
 
 /// Why a message was not stored.
@@ -177,6 +190,8 @@ pub struct ReplyFinished {
     pub reply_id: String,
     pub outcome: ReplyOutcome,
     pub model: Option<String>,
+    /// Output tokens, when the provider counted them.
+    pub tokens: Option<i32>,
 }
 
 /// A staff socket on the desk endpoint: send it the snapshot and every desk update.

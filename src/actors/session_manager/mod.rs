@@ -5,7 +5,10 @@
 //! answer in flight per conversation. WsSession actors and HTTP handlers talk to it; it hands
 //! writes to the Committer, answers to the InferencePool, and history reads to the persistence
 //! actor. It does not authenticate, rate-limit or call providers: those live elsewhere.
-//! The agent desk (dashboards, takeover, the human queue) keeps its state in `desk.rs`.
+//! It decides when a conversation gets an AI turn: a customer's burst of messages becomes one
+//! turn (`AI_BATCH_SIZE`, `AI_BATCH_TIMEOUT`), and a conversation no AI provider can answer
+//! goes to the human queue (`offer_to_human`). The agent desk (dashboards, takeover, the human
+//! queue) keeps its state in `desk.rs`.
 //!
 //! Every event is serialised once and the same bytes are queued for every recipient. A
 //! recipient whose queue is full is a slow consumer: it is dropped and told so, and nobody
@@ -23,6 +26,7 @@ pub mod messages;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -30,7 +34,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::oneshot;
 
 use self::messages::*;
-use crate::actors::inference::{InferencePool, StartReply};
+use crate::actors::inference::{InferencePool, StartReply, AI_UNAVAILABLE};
 use crate::actors::persistence::committer::{Append, Committer};
 use crate::actors::persistence::Db;
 use crate::db::models::message::{self, Order, Rejected};
@@ -140,12 +144,28 @@ struct LiveReply {
     cancel: Option<oneshot::Sender<()>>,
 }
 
+/// Customer messages arriving in a burst, waiting to become one AI turn.
+struct Burst {
+    messages: usize,
+    /// Starts the turn when the customer pauses.
+    timer: SpawnHandle,
+}
+
+/// How customer messages are gathered into AI turns (`AI_BATCH_SIZE`, `AI_BATCH_TIMEOUT`).
+#[derive(Debug, Clone, Copy)]
+pub struct Coalescing {
+    pub max_messages: usize,
+    /// Zero answers each message at once.
+    pub pause: Duration,
+}
+
 #[derive(Default)]
 struct Conversation {
     members: HashMap<ConnId, Member>,
     reply: Option<LiveReply>,
     /// A customer wrote while an answer was in flight: answer again when it is stored.
     turn_pending: bool,
+    burst: Option<Burst>,
 }
 
 pub struct SessionManager {
@@ -155,6 +175,7 @@ pub struct SessionManager {
     resume_max: i64,
     /// Events held for one replaying member before it counts as a slow consumer.
     held_max: usize,
+    coalescing: Coalescing,
     connections: HashMap<ConnId, Connection>,
     conversations: HashMap<String, Conversation>,
     desk: desk::Desk,
@@ -174,6 +195,7 @@ impl SessionManager {
         batch_max: usize,
         resume_max: i64,
         held_max: usize,
+        coalescing: Coalescing,
         desk_settings: desk::DeskSettings,
     ) -> Addr<SessionManager> {
         SessionManager::create(move |ctx| {
@@ -183,6 +205,7 @@ impl SessionManager {
                 inference,
                 resume_max: resume_max.max(1),
                 held_max: held_max.max(1),
+                coalescing,
                 connections: HashMap::new(),
                 conversations: HashMap::new(),
                 desk: desk::Desk::new(desk_settings),
@@ -240,7 +263,11 @@ impl SessionManager {
     /// Forgets a conversation nobody is in and nothing is happening in.
     fn tidy(&mut self, session_id: &str) {
         if let Some(conv) = self.conversations.get(session_id) {
-            if conv.members.is_empty() && conv.reply.is_none() && !conv.turn_pending {
+            if conv.members.is_empty()
+                && conv.reply.is_none()
+                && !conv.turn_pending
+                && conv.burst.is_none()
+            {
                 self.conversations.remove(session_id);
             }
         }
@@ -315,6 +342,58 @@ impl SessionManager {
             .get_mut(session_id)
             .and_then(|c| c.reply.as_mut())
             .filter(|r| reply_id.is_none_or(|id| r.reply_id == id))
+    }
+
+    /// A customer message was stored: answer it, or wait briefly for the rest of a burst so
+    /// that the burst gets one answer.
+    fn customer_wrote(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        let Coalescing {
+            max_messages,
+            pause,
+        } = self.coalescing;
+        // Where the AI is silent, no burst waits: `start_reply` notes the turn it skips.
+        if pause.is_zero() || self.desk.human_hold(session_id).is_some() {
+            return self.start_reply(session_id, ctx);
+        }
+        let conv = self
+            .conversations
+            .entry(session_id.to_string())
+            .or_default();
+        if conv.reply.is_some() {
+            // Already one follow-up turn for whatever arrives during an answer.
+            conv.turn_pending = true;
+            return;
+        }
+        let messages = match conv.burst.take() {
+            Some(burst) => {
+                ctx.cancel_future(burst.timer);
+                burst.messages + 1
+            }
+            None => 1,
+        };
+        if messages >= max_messages {
+            return self.start_reply(session_id, ctx);
+        }
+        let sid = session_id.to_string();
+        let timer = ctx.run_later(pause, move |act, ctx| {
+            if let Some(conv) = act.conversations.get_mut(&sid) {
+                conv.burst = None;
+            }
+            act.start_reply(&sid, ctx);
+        });
+        conv.burst = Some(Burst { messages, timer });
+    }
+
+    /// Forgets a burst waiting for its turn (the answer was stopped before it started).
+    fn drop_burst(&mut self, session_id: &str, ctx: &mut Context<Self>) {
+        if let Some(burst) = self
+            .conversations
+            .get_mut(session_id)
+            .and_then(|c| c.burst.take())
+        {
+            ctx.cancel_future(burst.timer);
+        }
+        self.tidy(session_id);
     }
 
     /// Asks the pool for an AI answer in a conversation, unless one is already in flight.
@@ -446,6 +525,21 @@ impl SessionManager {
                 }
                 let _ = reply.send(outcome);
             }
+            (Origin::Ask(reply), outcome) => {
+                let outcome = outcome.map(|appended| {
+                    let earlier_reply = self
+                        .reply_mut(&appended.message.session_id, None)
+                        .map(|r| r.reply_id.clone());
+                    self.after_store(&appended, ctx);
+                    let human = self.desk.human_hold(&appended.message.session_id);
+                    Asked {
+                        appended,
+                        earlier_reply,
+                        human,
+                    }
+                });
+                let _ = reply.send(outcome);
+            }
             (
                 Origin::Reply {
                     session_id,
@@ -465,7 +559,7 @@ impl SessionManager {
         self.desk.touch(&m.session_id);
         self.broadcast(&m.session_id, &ServerFrame::Message(Self::message_view(m)));
         if m.role == "user" {
-            self.start_reply(&m.session_id.clone(), ctx);
+            self.customer_wrote(&m.session_id.clone(), ctx);
         }
     }
 
@@ -996,7 +1090,8 @@ impl Handler<Typing> for SessionManager {
 impl Handler<StopReply> for SessionManager {
     type Result = ();
 
-    fn handle(&mut self, msg: StopReply, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: StopReply, ctx: &mut Context<Self>) {
+        self.drop_burst(&msg.session_id, ctx);
         if let Some(reply) = self.reply_mut(&msg.session_id, None) {
             if let Some(cancel) = reply.cancel.take() {
                 let _ = cancel.send(());
@@ -1028,7 +1123,7 @@ impl Handler<TokenChunk> for SessionManager {
 impl Handler<ReplyFinished> for SessionManager {
     type Result = ();
 
-    fn handle(&mut self, msg: ReplyFinished, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ReplyFinished, ctx: &mut Context<Self>) {
         let Some(reply) = self.reply_mut(&msg.session_id, Some(&msg.reply_id)) else {
             return;
         };
@@ -1043,6 +1138,13 @@ impl Handler<ReplyFinished> for SessionManager {
                 client_id: None,
             };
             self.broadcast(&msg.session_id, &frame);
+            if *code == AI_UNAVAILABLE {
+                log::warn!(
+                    "no AI provider can answer in {}; it goes to the human queue",
+                    msg.session_id
+                );
+                self.offer_to_human(&msg.session_id, ctx);
+            }
         }
         if text.is_empty() {
             // Nothing was written: there is no answer to store.
@@ -1063,7 +1165,7 @@ impl Handler<ReplyFinished> for SessionManager {
                 client_id: None,
                 interrupted: msg.outcome != ReplyOutcome::Complete,
                 model: msg.model,
-                tokens: None,
+                tokens: msg.tokens,
             },
             origin: Origin::Reply {
                 session_id: msg.session_id.clone(),
