@@ -1,3 +1,4 @@
+mod bench_smoke;
 mod helpers;
 mod realtime;
 mod ws;
