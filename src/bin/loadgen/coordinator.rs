@@ -53,17 +53,24 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts workers holding `conns`, at most `per_worker` each, and waits until every
-    /// connection is open and joined (or failed).
+    /// Starts workers holding `conns`, at most `per_worker` each but in at least `min_workers`
+    /// processes (one per core keeps a single-threaded worker from being the bottleneck), and
+    /// waits until every connection is open and joined (or failed).
     pub async fn add(
         &mut self,
         server: SocketAddr,
         conns: Vec<ConnSpec>,
         per_worker: usize,
+        min_workers: usize,
     ) -> anyhow::Result<Ready> {
         let exe = std::env::current_exe().context("finding the loadgen executable")?;
         let per_worker = per_worker.max(1);
-        let count = conns.len().div_ceil(per_worker);
+        let count = conns
+            .len()
+            .div_ceil(per_worker)
+            .max(min_workers)
+            .min(conns.len())
+            .max(1);
         // Deal the connections out in turn so every worker gets a like share of each role.
         let mut shares: Vec<Vec<ConnSpec>> = vec![Vec::new(); count];
         for (i, c) in conns.into_iter().enumerate() {

@@ -64,6 +64,9 @@ struct Common {
     /// Most connections per worker process (a process may hold about 20,000 open files).
     #[arg(long, default_value_t = 4000)]
     per_worker: usize,
+    /// Fewest worker processes for the connections that receive (default: one per core).
+    #[arg(long)]
+    min_workers: Option<usize>,
     /// Also print each table as one JSON line.
     #[arg(long)]
     json: bool,
@@ -326,6 +329,9 @@ fn context(common: &Common) -> Ctx {
             .clone()
             .zip(common.staff_password.clone()),
         per_worker: common.per_worker,
+        min_workers: common
+            .min_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         json: common.json,
         notes: common.note.clone(),
         clock: clock::Clock::new(),

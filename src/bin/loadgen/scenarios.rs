@@ -25,6 +25,7 @@ pub struct Ctx {
     pub label: String,
     pub staff: Option<(String, String)>,
     pub per_worker: usize,
+    pub min_workers: usize,
     pub json: bool,
     pub notes: Vec<String>,
     pub clock: Clock,
@@ -163,7 +164,9 @@ pub async fn idle(
         let conns = (0..add)
             .map(|_| ctx.conn(&token, false, None, Role::Idle))
             .collect();
-        let ready = workers.add(ctx.server, conns, ctx.per_worker).await?;
+        let ready = workers
+            .add(ctx.server, conns, ctx.per_worker, ctx.min_workers)
+            .await?;
         check_ready(&ready, &mut problems);
         connected += ready.connected;
         have = step;
@@ -255,14 +258,16 @@ pub async fn fanout(ctx: &Ctx, f: &Fanout) -> anyhow::Result<Vec<String>> {
     let listeners = (0..f.subscribers)
         .map(|_| ctx.conn(&token, true, Some(room.clone()), Role::Listen))
         .collect();
-    let ready = workers.add(ctx.server, listeners, ctx.per_worker).await?;
+    let ready = workers
+        .add(ctx.server, listeners, ctx.per_worker, ctx.min_workers)
+        .await?;
     check_ready(&ready, &mut problems);
     // The sender gets a process of its own so that its clock is not held up by deliveries.
     let mut own = vec![ctx.conn(&token, true, Some(room.clone()), Role::Send { weight: 1.0 })];
     if f.stall {
         own.push(ctx.conn(&token, true, Some(room.clone()), Role::Stall));
     }
-    let ready_own = workers.add(ctx.server, own, usize::MAX).await?;
+    let ready_own = workers.add(ctx.server, own, usize::MAX, 1).await?;
     check_ready(&ready_own, &mut problems);
     let recipients = ready.connected;
     let rss_joined = ctx.rss_now(&sampler);
@@ -392,7 +397,9 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
     }
     let sampler = ctx.sampler();
     let mut workers = Workers::default();
-    let ready = workers.add(ctx.server, conns, ctx.per_worker).await?;
+    let ready = workers
+        .add(ctx.server, conns, ctx.per_worker, ctx.min_workers)
+        .await?;
     check_ready(&ready, &mut problems);
     let mut t = ctx.table(
         &format!("Small rooms, {} conversations of 3", r.rooms),
@@ -479,7 +486,9 @@ pub async fn ai(ctx: &Ctx, a: &Ai) -> anyhow::Result<Vec<String>> {
         .collect();
     let sampler = ctx.sampler();
     let mut workers = Workers::default();
-    let ready = workers.add(ctx.server, conns, ctx.per_worker).await?;
+    let ready = workers
+        .add(ctx.server, conns, ctx.per_worker, ctx.min_workers)
+        .await?;
     check_ready(&ready, &mut problems);
     let rss_before = ctx.rss_now(&sampler);
     let (round, m) = ctx.round(&mut workers, a.duration, a.drain, 0.0).await?;
@@ -576,7 +585,9 @@ pub async fn persist(ctx: &Ctx, p: &Persist) -> anyhow::Result<Vec<String>> {
         .collect();
     let sampler = ctx.sampler();
     let mut workers = Workers::default();
-    let ready = workers.add(ctx.server, conns, ctx.per_worker).await?;
+    let ready = workers
+        .add(ctx.server, conns, ctx.per_worker, ctx.min_workers)
+        .await?;
     check_ready(&ready, &mut problems);
     let (round, m) = ctx.round(&mut workers, p.duration, p.drain, 0.0).await?;
     let usage = ctx.usage(&sampler, round.t0_us, round.t0_us + round.duration_us);

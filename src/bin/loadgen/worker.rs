@@ -27,8 +27,9 @@ type Ws = WebSocketStream<TcpStream>;
 
 /// How long one connection may take to connect and join before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a stalled connection is read at `finish` to see whether the server closed it.
-const STALL_PROBE: Duration = Duration::from_secs(3);
+/// How long a stalled connection is read at `finish` to see whether the server closed it: the
+/// backlog in the socket buffers (megabytes) comes first.
+const STALL_PROBE: Duration = Duration::from_secs(10);
 /// Source addresses the connections are spread over (127.0.0.2 …): each gives its own range
 /// of ephemeral ports.
 const SOURCE_ADDRESSES: u8 = 8;
@@ -348,12 +349,13 @@ impl Conn {
                         Role::Send { weight } if round.rate * weight > 0.0 => {
                             let period = 1e6 / (round.rate * weight);
                             let first = round.t0_us as f64 + rand::random::<f64>() * period;
-                            schedule = Some(Schedule {
+                            let end_us = round.t0_us + round.duration_us;
+                            schedule = ((first as u64) < end_us).then_some(Schedule {
                                 next_us: first as u64,
                                 period_us: period,
                                 first_us: first,
                                 n: 0,
-                                end_us: round.t0_us + round.duration_us,
+                                end_us,
                             });
                         }
                         Role::Stall => stalled = true,
