@@ -344,9 +344,9 @@ pub async fn fanout(ctx: &Ctx, f: &Fanout) -> anyhow::Result<Vec<String>> {
         t.note(format!(
             "one more subscriber stopped reading at the first round: {}",
             if finish.stalled_closed > 0 {
-                "the server closed it"
+                "the server dropped it (slow consumer)"
             } else {
-                "still open at the end (the server kept its backlog)"
+                "still open at the end: its backlog fitted in the socket buffers and the outbound queue, or the server buffers without bound"
             }
         ));
     }
