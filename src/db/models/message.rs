@@ -242,10 +242,29 @@ pub fn append_batch(
                 }
             }
         }
-        for (id, seq) in next {
-            diesel::update(chat_sessions::table.find(id))
-                .set(chat_sessions::last_seq.eq(seq))
-                .execute(conn)?;
+        match conn {
+            // One statement for every conversation of the batch: with many small conversations,
+            // a statement each was a round trip per message.
+            DbConnection::Pg(pg) => {
+                let (ids, seqs): (Vec<&str>, Vec<i64>) = next.into_iter().unzip();
+                if !ids.is_empty() {
+                    diesel::sql_query(
+                        "UPDATE chat_sessions SET last_seq = v.seq \
+                         FROM unnest($1::text[], $2::bigint[]) AS v(id, seq) \
+                         WHERE chat_sessions.id = v.id",
+                    )
+                    .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
+                    .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(seqs)
+                    .execute(pg)?;
+                }
+            }
+            DbConnection::Sqlite(sqlite) => {
+                for (id, seq) in next {
+                    diesel::update(chat_sessions::table.find(id))
+                        .set(chat_sessions::last_seq.eq(seq))
+                        .execute(sqlite)?;
+                }
+            }
         }
         Ok(outcomes)
     })
