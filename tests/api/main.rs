@@ -3,6 +3,7 @@ mod ai_http;
 mod ai_turns;
 mod auth;
 mod bad_input;
+mod bench_smoke;
 mod browser;
 mod cli;
 mod desk;

@@ -111,6 +111,10 @@ pub enum Rejected {
     SessionNotActive(String),
 }
 
+/// Rows per INSERT statement: ten parameters each stays far below the bind limits of both
+/// backends (SQLite 32766, PostgreSQL 65535).
+const INSERT_ROWS_MAX: usize = 500;
+
 /// Stores a batch of messages in one transaction and returns one outcome per message, in order.
 ///
 /// Each conversation's `last_seq` is read once, advanced in memory for every message of the
@@ -143,9 +147,29 @@ pub fn append_batch(
             .into_iter()
             .map(|(id, status, seq)| (id, (status, seq)))
             .collect();
+        // Messages of this batch whose client id is already stored, found in one query.
+        let client_ids: Vec<&str> = batch
+            .iter()
+            .filter_map(|m| m.client_id.as_deref())
+            .collect();
+        let mut stored: HashMap<(String, String), ChatMessage> = HashMap::new();
+        if !client_ids.is_empty() {
+            let found = chat_messages::table
+                .filter(chat_messages::session_id.eq_any(&ids))
+                .filter(chat_messages::client_id.eq_any(&client_ids))
+                .select(ChatMessage::as_select())
+                .load(conn)?;
+            for m in found {
+                if let Some(client_id) = m.client_id.clone() {
+                    stored.insert((m.session_id.clone(), client_id), m);
+                }
+            }
+        }
         let mut next: HashMap<&str, i64> = HashMap::new();
         let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
         let mut outcomes: Vec<Result<Appended, Rejected>> = Vec::with_capacity(batch.len());
+        // Indexes into `outcomes` of the messages to insert.
+        let mut inserts: Vec<usize> = Vec::with_capacity(batch.len());
 
         for (i, m) in batch.iter().enumerate() {
             let Some((status, last_seq)) = sessions.get(&m.session_id) else {
@@ -162,13 +186,8 @@ pub fn append_batch(
                     continue;
                 }
                 seen.insert((m.session_id.as_str(), client_id), i);
-                let stored = chat_messages::table
-                    .filter(chat_messages::session_id.eq(&m.session_id))
-                    .filter(chat_messages::client_id.eq(client_id))
-                    .select(ChatMessage::as_select())
-                    .first(conn)
-                    .optional()?;
-                if let Some(message) = stored {
+                let key = (m.session_id.clone(), client_id.to_string());
+                if let Some(message) = stored.remove(&key) {
                     outcomes.push(Ok(Appended {
                         message,
                         duplicate: true,
@@ -195,32 +214,90 @@ pub fn append_batch(
                 tokens: m.tokens,
                 created_at: now,
             };
-            diesel::insert_into(chat_messages::table)
-                .values((
-                    chat_messages::session_id.eq(&message.session_id),
-                    chat_messages::seq.eq(message.seq),
-                    chat_messages::role.eq(&message.role),
-                    chat_messages::author_id.eq(&message.author_id),
-                    chat_messages::content.eq(&message.content),
-                    chat_messages::client_id.eq(&message.client_id),
-                    chat_messages::interrupted.eq(message.interrupted),
-                    chat_messages::model.eq(&message.model),
-                    chat_messages::tokens.eq(message.tokens),
-                    chat_messages::created_at.eq(message.created_at),
-                ))
-                .execute(conn)?;
+            inserts.push(outcomes.len());
             outcomes.push(Ok(Appended {
                 message,
                 duplicate: false,
             }));
         }
-        for (id, seq) in next {
-            diesel::update(chat_sessions::table.find(id))
-                .set(chat_sessions::last_seq.eq(seq))
-                .execute(conn)?;
+        let inserted = inserts.iter().filter_map(|&i| outcomes[i].as_ref().ok());
+        match conn {
+            // One multi-row INSERT per chunk instead of a statement per message: on PostgreSQL
+            // every statement is a round trip.
+            DbConnection::Pg(pg) => {
+                let rows: Vec<_> = inserted.map(|a| insert_row(&a.message)).collect();
+                for chunk in rows.chunks(INSERT_ROWS_MAX) {
+                    diesel::insert_into(chat_messages::table)
+                        .values(chunk)
+                        .execute(pg)?;
+                }
+            }
+            // SQLite runs in-process, where a prepared statement per row costs little (and
+            // Diesel's multi-row INSERT is not offered over both backends).
+            DbConnection::Sqlite(sqlite) => {
+                for a in inserted {
+                    diesel::insert_into(chat_messages::table)
+                        .values(insert_row(&a.message))
+                        .execute(sqlite)?;
+                }
+            }
+        }
+        match conn {
+            // One statement for every conversation of the batch: with many small conversations,
+            // a statement each was a round trip per message.
+            DbConnection::Pg(pg) => {
+                let (ids, seqs): (Vec<&str>, Vec<i64>) = next.into_iter().unzip();
+                if !ids.is_empty() {
+                    diesel::sql_query(
+                        "UPDATE chat_sessions SET last_seq = v.seq \
+                         FROM unnest($1::text[], $2::bigint[]) AS v(id, seq) \
+                         WHERE chat_sessions.id = v.id",
+                    )
+                    .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
+                    .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(seqs)
+                    .execute(pg)?;
+                }
+            }
+            DbConnection::Sqlite(sqlite) => {
+                for (id, seq) in next {
+                    diesel::update(chat_sessions::table.find(id))
+                        .set(chat_sessions::last_seq.eq(seq))
+                        .execute(sqlite)?;
+                }
+            }
         }
         Ok(outcomes)
     })
+}
+
+/// The columns of one new `chat_messages` row.
+#[allow(clippy::type_complexity)]
+fn insert_row(
+    m: &ChatMessage,
+) -> (
+    diesel::dsl::Eq<chat_messages::session_id, &String>,
+    diesel::dsl::Eq<chat_messages::seq, i64>,
+    diesel::dsl::Eq<chat_messages::role, &String>,
+    diesel::dsl::Eq<chat_messages::author_id, &Option<String>>,
+    diesel::dsl::Eq<chat_messages::content, &String>,
+    diesel::dsl::Eq<chat_messages::client_id, &Option<String>>,
+    diesel::dsl::Eq<chat_messages::interrupted, bool>,
+    diesel::dsl::Eq<chat_messages::model, &Option<String>>,
+    diesel::dsl::Eq<chat_messages::tokens, Option<i32>>,
+    diesel::dsl::Eq<chat_messages::created_at, NaiveDateTime>,
+) {
+    (
+        chat_messages::session_id.eq(&m.session_id),
+        chat_messages::seq.eq(m.seq),
+        chat_messages::role.eq(&m.role),
+        chat_messages::author_id.eq(&m.author_id),
+        chat_messages::content.eq(&m.content),
+        chat_messages::client_id.eq(&m.client_id),
+        chat_messages::interrupted.eq(m.interrupted),
+        chat_messages::model.eq(&m.model),
+        chat_messages::tokens.eq(m.tokens),
+        chat_messages::created_at.eq(m.created_at),
+    )
 }
 
 /// Oldest first or newest first.
