@@ -21,6 +21,7 @@ RUN mkdir src \
     && cargo build --release --locked --bin switchboard \
     && rm -rf src
 
+COPY build.rs ./
 COPY src src
 COPY config config
 COPY migrations migrations
