@@ -6,7 +6,7 @@ use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
 use crate::fake_http::{openai_sse, FakeServer, Reply};
-use crate::helpers::{assert_error, expect_json, spawn_app_with, TestApp};
+use crate::helpers::{assert_error, expect_json, spawn_app_with};
 use crate::providers::{customer_with_session, stored_messages, tokens_text, use_openai};
 use crate::ws::WsClient;
 
@@ -138,105 +138,78 @@ async fn send_and_stream_refuse_bad_input_and_change_nothing() {
     let (token, sid) = customer_with_session(&app).await;
     let (other_token, _) = customer_with_session(&app).await;
     let agent = app.user("agent@example.com", Role::Agent).await;
+    let cases = [
+        (
+            json!({"session_id": sid}),
+            token.as_str(),
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({"session_id": sid, "message": "hi", "extra": 1}),
+            &token,
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({"session_id": sid, "message": 42}),
+            &token,
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({"session_id": sid, "message": "   "}),
+            &token,
+            400,
+            "empty_message",
+        ),
+        (
+            json!({"session_id": sid, "message": "x".repeat(9000)}),
+            &token,
+            413,
+            "message_too_large",
+        ),
+        (
+            json!({"session_id": sid, "message": "a\u{0}b"}),
+            &token,
+            400,
+            "invalid_content",
+        ),
+        // Someone else's conversation looks exactly like a missing one.
+        (
+            json!({"session_id": sid, "message": "hi"}),
+            &other_token,
+            404,
+            "not_found",
+        ),
+        (
+            json!({"session_id": "nope", "message": "hi"}),
+            &token,
+            404,
+            "not_found",
+        ),
+        (
+            json!({"session_id": sid, "message": "hi"}),
+            &agent.access_token,
+            403,
+            "forbidden",
+        ),
+        (
+            json!({"session_id": sid, "message": "hi"}),
+            "not-a-token",
+            401,
+            "unauthorized",
+        ),
+    ];
     for path in [
         "/api/chat/send",
         "/api/v1/chat/send",
         "/api/chat/stream",
         "/api/v1/chat/stream",
     ] {
-        let post = |body: Value, token: String| {
-            let app: &TestApp = &app;
-            async move { app.post_json(path, &token, &body).await }
-        };
-        assert_error(
-            post(json!({"session_id": sid}), token.clone()).await,
-            400,
-            "invalid_json",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi", "extra": 1}),
-                token.clone(),
-            )
-            .await,
-            400,
-            "invalid_json",
-        )
-        .await;
-        assert_error(
-            post(json!({"session_id": sid, "message": 42}), token.clone()).await,
-            400,
-            "invalid_json",
-        )
-        .await;
-        assert_error(
-            post(json!({"session_id": sid, "message": "   "}), token.clone()).await,
-            400,
-            "empty_message",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "x".repeat(9000)}),
-                token.clone(),
-            )
-            .await,
-            413,
-            "message_too_large",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "a\u{0}b"}),
-                token.clone(),
-            )
-            .await,
-            400,
-            "invalid_content",
-        )
-        .await;
-        // Someone else's conversation looks exactly like a missing one.
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi"}),
-                other_token.clone(),
-            )
-            .await,
-            404,
-            "not_found",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": "nope", "message": "hi"}),
-                token.clone(),
-            )
-            .await,
-            404,
-            "not_found",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi"}),
-                agent.access_token.clone(),
-            )
-            .await,
-            403,
-            "forbidden",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi"}),
-                "not-a-token".into(),
-            )
-            .await,
-            401,
-            "unauthorized",
-        )
-        .await;
+        for (body, who, status, code) in &cases {
+            assert_error(app.post_json(path, who, body).await, *status, code).await;
+        }
         let res = app
             .client
             .post(app.url(path))
