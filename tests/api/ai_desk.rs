@@ -179,23 +179,11 @@ async fn a_takeover_drops_a_burst_waiting_for_its_turn_and_ends_its_question() {
     cust.resume(&sid, 0).await;
     cust.until(|f| f["type"] == "resumed").await;
 
-    let waiting = tokio::spawn({
-        let (client, url, token, sid) = (
-            app.client.clone(),
-            app.url("/api/v1/chat/send"),
-            token.clone(),
-            sid.clone(),
-        );
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"session_id": sid, "message": "part one"}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let waiting = app.spawn_post_json(
+        "/api/v1/chat/send",
+        &token,
+        &json!({"session_id": sid, "message": "part one"}),
+    );
     cust.until(|f| f["type"] == "message" && f["content"] == "part one")
         .await;
     takeover(&mut desk, &mut cust, &sid).await;
@@ -209,23 +197,11 @@ async fn a_takeover_drops_a_burst_waiting_for_its_turn_and_ends_its_question() {
 
     // Closing the conversation ends a question waiting for its burst with 409.
     let (token, sid) = customer_with_session(&app).await;
-    let waiting = tokio::spawn({
-        let (client, url, token, sid) = (
-            app.client.clone(),
-            app.url("/api/chat/stream"),
-            token.clone(),
-            sid.clone(),
-        );
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"session_id": sid, "message": "hello"}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let waiting = app.spawn_post_json(
+        "/api/chat/stream",
+        &token,
+        &json!({"session_id": sid, "message": "hello"}),
+    );
     // Stored (the dashboards see it), its answer waiting for the burst to end.
     desk.until(|f| {
         f["type"] == "session_update"

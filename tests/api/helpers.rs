@@ -338,6 +338,22 @@ impl TestApp {
             .expect("sending POST")
     }
 
+    /// Starts `POST path` with a JSON body in its own task, for a request that is answered
+    /// only after something the test does next.
+    pub fn spawn_post_json(
+        &self,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> tokio::task::JoinHandle<Response> {
+        let request = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body);
+        tokio::spawn(async move { request.send().await.expect("sending POST") })
+    }
+
     /// `POST path` without a body, with `Authorization: Bearer <token>`.
     pub async fn post(&self, path: &str, token: &str) -> Response {
         self.client
