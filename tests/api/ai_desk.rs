@@ -8,8 +8,10 @@ use switchboard::db::models::Role;
 
 use crate::ai_http::{read_sse_until, sse_events};
 use crate::fake_http::{FakeServer, Reply};
-use crate::helpers::{assert_error, expect_json, spawn_app_with, TestApp};
-use crate::providers::{customer_with_session, stored_messages, use_openai};
+use crate::helpers::{
+    assert_error, customer_with_session, expect_json, spawn_app_with, stored_messages, TestApp,
+};
+use crate::providers::use_openai;
 use crate::ws::WsClient;
 
 /// A dashboard, read past its snapshot.

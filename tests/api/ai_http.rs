@@ -6,8 +6,11 @@ use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
 use crate::fake_http::{openai_sse, FakeServer, Reply};
-use crate::helpers::{assert_error, expect_json, spawn_app_with};
-use crate::providers::{customer_with_session, stored_messages, tokens_text, use_openai};
+use crate::helpers::{
+    assert_error, customer_with_session, expect_json, numeric_header, spawn_app_with,
+    stored_messages, tokens_text,
+};
+use crate::providers::use_openai;
 use crate::ws::WsClient;
 
 fn fast_demo(s: &mut switchboard::config::Settings) {
@@ -524,16 +527,6 @@ async fn send_while_an_answer_is_being_written_returns_the_answer_to_its_own_mes
     );
 }
 
-fn header(res: &reqwest::Response, name: &str) -> u64 {
-    res.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header: {:?}", res.headers()))
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
 #[tokio::test]
 async fn questions_take_the_users_message_budget_and_get_429_past_it() {
     let app = spawn_app_with(|s| {
@@ -558,11 +551,11 @@ async fn questions_take_the_users_message_budget_and_get_429_past_it() {
         "/api/v1/chat/stream",
     ] {
         let res = app.post_json(path, &token, &ask).await;
-        assert_eq!(header(&res, "X-RateLimit-Limit"), 2, "{path}");
-        assert_eq!(header(&res, "X-RateLimit-Remaining"), 0, "{path}");
-        let retry = header(&res, "Retry-After");
+        assert_eq!(numeric_header(&res, "X-RateLimit-Limit"), 2, "{path}");
+        assert_eq!(numeric_header(&res, "X-RateLimit-Remaining"), 0, "{path}");
+        let retry = numeric_header(&res, "Retry-After");
         assert!((1..=60).contains(&retry), "{path}: Retry-After {retry}");
-        assert!(header(&res, "X-RateLimit-Reset") >= retry, "{path}");
+        assert!(numeric_header(&res, "X-RateLimit-Reset") >= retry, "{path}");
         assert_error(res, 429, "rate_limited").await;
     }
     let res = app.post_message(&token, &sid, "posted", None).await;

@@ -6,8 +6,10 @@ use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
 use crate::fake_http::{openai_sse, FakeServer, Reply};
-use crate::helpers::{expect_json, spawn_app_with};
-use crate::providers::{ask, customer_with_session, stored_messages, tokens_text, use_openai};
+use crate::helpers::{
+    customer_with_session, expect_json, spawn_app_with, stored_messages, tokens_text,
+};
+use crate::providers::{ask, use_openai};
 use crate::ws::WsClient;
 
 fn answer(text: &str) -> Reply {

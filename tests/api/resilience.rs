@@ -10,10 +10,10 @@ use crate::fake_http::{
     bedrock_delta, bedrock_error, bedrock_exception, bedrock_stream, bedrock_stream_reply,
     openai_delta, openai_sse, FakeServer, Part, Reply,
 };
-use crate::helpers::{spawn_app_with, TestApp};
-use crate::providers::{
-    ask, customer_with_session, stored_messages, tokens_text, use_bedrock, use_openai,
+use crate::helpers::{
+    customer_with_session, spawn_app_with, stored_messages, tokens_text, TestApp,
 };
+use crate::providers::{ask, use_bedrock, use_openai};
 use crate::ws::WsClient;
 
 fn sse_ok(text: &str) -> Reply {
