@@ -7,7 +7,7 @@ use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
 use crate::ai_http::{read_sse_until, sse_events};
-use crate::fake_http::{FakeServer, Reply};
+use crate::fake_http::{openai_error, FakeServer};
 use crate::helpers::{
     assert_error, customer_with_session, expect_json, spawn_app_with, stored_messages, TestApp,
 };
@@ -33,11 +33,7 @@ async fn takeover(desk: &mut WsClient, customer: &mut WsClient, sid: &str) {
 
 #[tokio::test]
 async fn a_conversation_no_provider_can_answer_is_queued_and_questions_there_return_at_once() {
-    let fake = FakeServer::start(vec![Reply::json(
-        500,
-        &json!({"error": {"message": "down"}}),
-    )])
-    .await;
+    let fake = FakeServer::start(vec![openai_error(500)]).await;
     let fake_for_app = fake.clone();
     let app = spawn_app_with(move |s| {
         use_openai(s, &fake_for_app);

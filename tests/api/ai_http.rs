@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
-use crate::fake_http::{openai_sse, FakeServer, Reply};
+use crate::fake_http::{openai_error, openai_sse, FakeServer, Reply};
 use crate::helpers::{
     assert_error, customer_with_session, expect_json, numeric_header, spawn_app_with,
     stored_messages, tokens_text,
@@ -248,11 +248,7 @@ async fn send_and_stream_refuse_bad_input_and_change_nothing() {
 
 #[tokio::test]
 async fn send_and_stream_answer_503_when_no_provider_can_answer() {
-    let fake = FakeServer::start(vec![Reply::json(
-        500,
-        &json!({"error": {"message": "down"}}),
-    )])
-    .await;
+    let fake = FakeServer::start(vec![openai_error(500)]).await;
     let fake_for_app = fake.clone();
     let app = spawn_app_with(move |s| {
         use_openai(s, &fake_for_app);
@@ -461,11 +457,7 @@ async fn ai_metrics_count_requests_retries_errors_latency_and_tokens() {
 
 #[tokio::test]
 async fn the_providers_endpoint_shows_an_open_breaker() {
-    let fake = FakeServer::start(vec![Reply::json(
-        500,
-        &json!({"error": {"message": "down"}}),
-    )])
-    .await;
+    let fake = FakeServer::start(vec![openai_error(500)]).await;
     let fake_for_app = fake.clone();
     let app = spawn_app_with(move |s| {
         use_openai(s, &fake_for_app);
