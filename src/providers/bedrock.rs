@@ -10,6 +10,7 @@
 use anyhow::bail;
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
+use aws_sdk_bedrockruntime::config::http::HttpResponse;
 use aws_sdk_bedrockruntime::config::Credentials;
 use aws_sdk_bedrockruntime::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_bedrockruntime::operation::converse::ConverseError;
@@ -140,13 +141,10 @@ impl Provider for BedrockProvider {
             .set_messages(Some(messages))
             .set_system(self.system());
         let started = async move {
-            let out = call.send().await.map_err(|e| {
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                sdk_error(e, status)
-            })?;
+            let out = call.send().await.map_err(call_error)?;
             Ok::<_, ProviderError>(out.stream)
         };
-        // State: the call not yet made, or the receiver it gave; `None` once finished.
+        // State: the call not yet made, or the receiver it gave; `Done` once finished.
         enum State<F, R> {
             Start(F),
             Reading(R, bool),
@@ -210,10 +208,7 @@ impl Provider for BedrockProvider {
             .set_messages(Some(messages))
             .set_system(self.system());
         Box::pin(async move {
-            let out = call.send().await.map_err(|e| {
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                sdk_error(e, status)
-            })?;
+            let out = call.send().await.map_err(call_error)?;
             let text: String = out
                 .output
                 .as_ref()
@@ -285,6 +280,15 @@ impl Named for ConverseError {
             _ => return None,
         })
     }
+}
+
+/// A failed call, where the HTTP response (if one came) gives the status.
+fn call_error<E>(e: SdkError<E, HttpResponse>) -> ProviderError
+where
+    E: Named + ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    sdk_error(e, status)
 }
 
 /// What an SDK failure means for retrying. Bedrock names its errors; the HTTP status (absent

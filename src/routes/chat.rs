@@ -350,32 +350,28 @@ async fn send(
     let mut listener = Listener::open(&state, caller, body.into_inner()).await?;
     let mut failure: Option<(String, String)> = None;
     let mut wrote = false;
-    let no_answer = |listener: &Listener| {
+    let answered = |listener: &Listener, answer: Option<ChatMessage>| {
         HttpResponse::Ok().json(Answered {
             message: listener.asked.clone(),
-            answer: None,
+            answer,
             human: listener.human.map(HumanHold::as_str),
         })
     };
     if listener.human.is_some() {
-        return Ok(no_answer(&listener));
+        return Ok(answered(&listener, None));
     }
     loop {
         match listener.next().await {
             Some(Event::Token(_)) => wrote = true,
             Some(Event::Done { seq, .. }) => {
                 let answer = stored(&state, &listener.session_id, seq).await?;
-                return Ok(HttpResponse::Ok().json(Answered {
-                    message: listener.asked.clone(),
-                    answer: Some(answer),
-                    human: listener.human.map(HumanHold::as_str),
-                }));
+                return Ok(answered(&listener, Some(answer)));
             }
             // With text written, the interrupted answer is being stored: wait for it.
             Some(Event::Human(hold)) => {
                 listener.human = Some(hold);
                 if !wrote {
-                    return Ok(no_answer(&listener));
+                    return Ok(answered(&listener, None));
                 }
             }
             Some(Event::Status(status)) => {

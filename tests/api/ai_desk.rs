@@ -7,9 +7,11 @@ use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
 use crate::ai_http::{read_sse_until, sse_events};
-use crate::fake_http::{FakeServer, Reply};
-use crate::helpers::{assert_error, expect_json, spawn_app_with, TestApp};
-use crate::providers::{customer_with_session, stored_messages, use_openai};
+use crate::fake_http::{openai_error, FakeServer};
+use crate::helpers::{
+    assert_error, customer_with_session, expect_json, spawn_app_with, stored_messages, TestApp,
+};
+use crate::providers::use_openai;
 use crate::ws::WsClient;
 
 /// A dashboard, read past its snapshot.
@@ -31,11 +33,7 @@ async fn takeover(desk: &mut WsClient, customer: &mut WsClient, sid: &str) {
 
 #[tokio::test]
 async fn a_conversation_no_provider_can_answer_is_queued_and_questions_there_return_at_once() {
-    let fake = FakeServer::start(vec![Reply::json(
-        500,
-        &json!({"error": {"message": "down"}}),
-    )])
-    .await;
+    let fake = FakeServer::start(vec![openai_error(500)]).await;
     let fake_for_app = fake.clone();
     let app = spawn_app_with(move |s| {
         use_openai(s, &fake_for_app);
@@ -179,23 +177,11 @@ async fn a_takeover_drops_a_burst_waiting_for_its_turn_and_ends_its_question() {
     cust.resume(&sid, 0).await;
     cust.until(|f| f["type"] == "resumed").await;
 
-    let waiting = tokio::spawn({
-        let (client, url, token, sid) = (
-            app.client.clone(),
-            app.url("/api/v1/chat/send"),
-            token.clone(),
-            sid.clone(),
-        );
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"session_id": sid, "message": "part one"}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let waiting = app.spawn_post_json(
+        "/api/v1/chat/send",
+        &token,
+        &json!({"session_id": sid, "message": "part one"}),
+    );
     cust.until(|f| f["type"] == "message" && f["content"] == "part one")
         .await;
     takeover(&mut desk, &mut cust, &sid).await;
@@ -209,23 +195,11 @@ async fn a_takeover_drops_a_burst_waiting_for_its_turn_and_ends_its_question() {
 
     // Closing the conversation ends a question waiting for its burst with 409.
     let (token, sid) = customer_with_session(&app).await;
-    let waiting = tokio::spawn({
-        let (client, url, token, sid) = (
-            app.client.clone(),
-            app.url("/api/chat/stream"),
-            token.clone(),
-            sid.clone(),
-        );
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"session_id": sid, "message": "hello"}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let waiting = app.spawn_post_json(
+        "/api/chat/stream",
+        &token,
+        &json!({"session_id": sid, "message": "hello"}),
+    );
     // Stored (the dashboards see it), its answer waiting for the burst to end.
     desk.until(|f| {
         f["type"] == "session_update"

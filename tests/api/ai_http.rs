@@ -5,9 +5,12 @@ use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
-use crate::fake_http::{openai_sse, FakeServer, Reply};
-use crate::helpers::{assert_error, expect_json, spawn_app_with, TestApp};
-use crate::providers::{customer_with_session, stored_messages, tokens_text, use_openai};
+use crate::fake_http::{openai_error, openai_sse, FakeServer, Reply};
+use crate::helpers::{
+    assert_error, customer_with_session, expect_json, numeric_header, spawn_app_with,
+    stored_messages, tokens_text,
+};
+use crate::providers::use_openai;
 use crate::ws::WsClient;
 
 fn fast_demo(s: &mut switchboard::config::Settings) {
@@ -138,105 +141,78 @@ async fn send_and_stream_refuse_bad_input_and_change_nothing() {
     let (token, sid) = customer_with_session(&app).await;
     let (other_token, _) = customer_with_session(&app).await;
     let agent = app.user("agent@example.com", Role::Agent).await;
+    let cases = [
+        (
+            json!({"session_id": sid}),
+            token.as_str(),
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({"session_id": sid, "message": "hi", "extra": 1}),
+            &token,
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({"session_id": sid, "message": 42}),
+            &token,
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({"session_id": sid, "message": "   "}),
+            &token,
+            400,
+            "empty_message",
+        ),
+        (
+            json!({"session_id": sid, "message": "x".repeat(9000)}),
+            &token,
+            413,
+            "message_too_large",
+        ),
+        (
+            json!({"session_id": sid, "message": "a\u{0}b"}),
+            &token,
+            400,
+            "invalid_content",
+        ),
+        // Someone else's conversation looks exactly like a missing one.
+        (
+            json!({"session_id": sid, "message": "hi"}),
+            &other_token,
+            404,
+            "not_found",
+        ),
+        (
+            json!({"session_id": "nope", "message": "hi"}),
+            &token,
+            404,
+            "not_found",
+        ),
+        (
+            json!({"session_id": sid, "message": "hi"}),
+            &agent.access_token,
+            403,
+            "forbidden",
+        ),
+        (
+            json!({"session_id": sid, "message": "hi"}),
+            "not-a-token",
+            401,
+            "unauthorized",
+        ),
+    ];
     for path in [
         "/api/chat/send",
         "/api/v1/chat/send",
         "/api/chat/stream",
         "/api/v1/chat/stream",
     ] {
-        let post = |body: Value, token: String| {
-            let app: &TestApp = &app;
-            async move { app.post_json(path, &token, &body).await }
-        };
-        assert_error(
-            post(json!({"session_id": sid}), token.clone()).await,
-            400,
-            "invalid_json",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi", "extra": 1}),
-                token.clone(),
-            )
-            .await,
-            400,
-            "invalid_json",
-        )
-        .await;
-        assert_error(
-            post(json!({"session_id": sid, "message": 42}), token.clone()).await,
-            400,
-            "invalid_json",
-        )
-        .await;
-        assert_error(
-            post(json!({"session_id": sid, "message": "   "}), token.clone()).await,
-            400,
-            "empty_message",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "x".repeat(9000)}),
-                token.clone(),
-            )
-            .await,
-            413,
-            "message_too_large",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "a\u{0}b"}),
-                token.clone(),
-            )
-            .await,
-            400,
-            "invalid_content",
-        )
-        .await;
-        // Someone else's conversation looks exactly like a missing one.
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi"}),
-                other_token.clone(),
-            )
-            .await,
-            404,
-            "not_found",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": "nope", "message": "hi"}),
-                token.clone(),
-            )
-            .await,
-            404,
-            "not_found",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi"}),
-                agent.access_token.clone(),
-            )
-            .await,
-            403,
-            "forbidden",
-        )
-        .await;
-        assert_error(
-            post(
-                json!({"session_id": sid, "message": "hi"}),
-                "not-a-token".into(),
-            )
-            .await,
-            401,
-            "unauthorized",
-        )
-        .await;
+        for (body, who, status, code) in &cases {
+            assert_error(app.post_json(path, who, body).await, *status, code).await;
+        }
         let res = app
             .client
             .post(app.url(path))
@@ -272,11 +248,7 @@ async fn send_and_stream_refuse_bad_input_and_change_nothing() {
 
 #[tokio::test]
 async fn send_and_stream_answer_503_when_no_provider_can_answer() {
-    let fake = FakeServer::start(vec![Reply::json(
-        500,
-        &json!({"error": {"message": "down"}}),
-    )])
-    .await;
+    let fake = FakeServer::start(vec![openai_error(500)]).await;
     let fake_for_app = fake.clone();
     let app = spawn_app_with(move |s| {
         use_openai(s, &fake_for_app);
@@ -485,11 +457,7 @@ async fn ai_metrics_count_requests_retries_errors_latency_and_tokens() {
 
 #[tokio::test]
 async fn the_providers_endpoint_shows_an_open_breaker() {
-    let fake = FakeServer::start(vec![Reply::json(
-        500,
-        &json!({"error": {"message": "down"}}),
-    )])
-    .await;
+    let fake = FakeServer::start(vec![openai_error(500)]).await;
     let fake_for_app = fake.clone();
     let app = spawn_app_with(move |s| {
         use_openai(s, &fake_for_app);
@@ -551,16 +519,6 @@ async fn send_while_an_answer_is_being_written_returns_the_answer_to_its_own_mes
     );
 }
 
-fn header(res: &reqwest::Response, name: &str) -> u64 {
-    res.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header: {:?}", res.headers()))
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
 #[tokio::test]
 async fn questions_take_the_users_message_budget_and_get_429_past_it() {
     let app = spawn_app_with(|s| {
@@ -585,11 +543,11 @@ async fn questions_take_the_users_message_budget_and_get_429_past_it() {
         "/api/v1/chat/stream",
     ] {
         let res = app.post_json(path, &token, &ask).await;
-        assert_eq!(header(&res, "X-RateLimit-Limit"), 2, "{path}");
-        assert_eq!(header(&res, "X-RateLimit-Remaining"), 0, "{path}");
-        let retry = header(&res, "Retry-After");
+        assert_eq!(numeric_header(&res, "X-RateLimit-Limit"), 2, "{path}");
+        assert_eq!(numeric_header(&res, "X-RateLimit-Remaining"), 0, "{path}");
+        let retry = numeric_header(&res, "Retry-After");
         assert!((1..=60).contains(&retry), "{path}: Retry-After {retry}");
-        assert!(header(&res, "X-RateLimit-Reset") >= retry, "{path}");
+        assert!(numeric_header(&res, "X-RateLimit-Reset") >= retry, "{path}");
         assert_error(res, 429, "rate_limited").await;
     }
     let res = app.post_message(&token, &sid, "posted", None).await;

@@ -1,13 +1,14 @@
 //! How customer messages become AI turns: identical contexts answered from the cache, and
 //! bursts of messages gathered into one turn.
 
-use serde_json::json;
 use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
-use crate::fake_http::{openai_sse, FakeServer, Reply};
-use crate::helpers::{expect_json, spawn_app_with};
-use crate::providers::{ask, customer_with_session, stored_messages, tokens_text, use_openai};
+use crate::fake_http::{openai_error, openai_sse, FakeServer, Reply};
+use crate::helpers::{
+    customer_with_session, expect_json, spawn_app_with, stored_messages, tokens_text,
+};
+use crate::providers::{ask, use_openai};
 use crate::ws::WsClient;
 
 fn answer(text: &str) -> Reply {
@@ -21,7 +22,7 @@ async fn an_identical_context_is_answered_from_the_cache_the_same_way() {
             "text/event-stream",
             openai_sse(&["We open", " at nine."], None),
         ),
-        Reply::json(500, &json!({"error": {"message": "down"}})),
+        openai_error(500),
     ])
     .await;
     let fake_for_app = fake.clone();

@@ -8,25 +8,11 @@ use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
-use crate::helpers::{expect_json, spawn_app, spawn_app_with, Signed, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, stored_messages, tokens_text, Signed, TestApp};
 use crate::ws::WsClient;
 
 fn millis(ms: u64) -> HumanDuration {
     HumanDuration::from_millis(ms)
-}
-
-/// A conversation's stored history through the REST API (one page is enough here).
-async fn history(app: &TestApp, token: &str, session_id: &str) -> Vec<Value> {
-    let page = expect_json(
-        app.get(
-            &format!("/api/v1/chat/sessions/{session_id}/messages?limit=200"),
-            token,
-        )
-        .await,
-        200,
-    )
-    .await;
-    page["messages"].as_array().expect("messages").clone()
 }
 
 /// A guest with a conversation: (sign-in, session id).
@@ -35,14 +21,6 @@ async fn customer(app: &TestApp) -> (Signed, String) {
     let session = app.create_session(&guest.access_token, "help").await;
     let id = session["id"].as_str().expect("session id").to_string();
     (guest, id)
-}
-
-fn tokens_text(frames: &[Value]) -> String {
-    frames
-        .iter()
-        .filter(|f| f["type"] == "token")
-        .map(|f| f["delta"].as_str().expect("delta"))
-        .collect()
 }
 
 /// Sends a desk frame.
@@ -190,7 +168,7 @@ async fn watching_gives_the_history_then_the_answer_as_the_customer_sees_it() {
         "history first"
     );
 
-    let stored = history(&app, &guest.access_token, &sid).await;
+    let stored = stored_messages(&app, &guest.access_token, &sid).await;
     let answer = stored[1]["content"].as_str().unwrap();
     assert_eq!(
         tokens_text(&watched),
@@ -246,7 +224,7 @@ async fn takeover_cuts_the_answer_and_the_ai_stays_silent_until_release() {
         }
     }
     assert_eq!(done["interrupted"], true, "{done}");
-    let stored = history(&app, &guest.access_token, &sid).await;
+    let stored = stored_messages(&app, &guest.access_token, &sid).await;
     assert_eq!(stored[1]["role"], "assistant");
     assert_eq!(stored[1]["interrupted"], true);
     assert_eq!(
@@ -309,7 +287,7 @@ async fn takeover_cuts_the_answer_and_the_ai_stays_silent_until_release() {
         .unwrap();
     assert_eq!(done["seq"], 6, "{done}");
     assert_eq!(done["interrupted"], false);
-    let roles: Vec<String> = history(&app, &guest.access_token, &sid)
+    let roles: Vec<String> = stored_messages(&app, &guest.access_token, &sid)
         .await
         .iter()
         .map(|m| m["role"].as_str().unwrap().to_string())
@@ -686,7 +664,7 @@ async fn takeover_is_decided_by_the_database_across_nodes_and_survives_a_new_nod
     cust.send_message(&sid, "c-2", "and now?").await;
     let done = cust.until(|f| f["type"] == "reply_done").await;
     assert_eq!(done.last().unwrap()["seq"], 3, "{done:?}");
-    let roles: Vec<String> = history(&node_c, &guest.access_token, &sid)
+    let roles: Vec<String> = stored_messages(&node_c, &guest.access_token, &sid)
         .await
         .iter()
         .map(|m| m["role"].as_str().unwrap().to_string())

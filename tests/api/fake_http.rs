@@ -280,6 +280,14 @@ fn sse(v: &Value) -> Part {
     Part::Bytes(format!("data: {v}\n\n").into_bytes())
 }
 
+/// An OpenAI error answer with `status`.
+pub fn openai_error(status: u16) -> Reply {
+    Reply::json(
+        status,
+        &serde_json::json!({"error": {"message": format!("status {status}")}}),
+    )
+}
+
 /// A whole (non-streamed) OpenAI chat completion.
 pub fn openai_completion(text: &str) -> Value {
     serde_json::json!({

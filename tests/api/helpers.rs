@@ -338,6 +338,22 @@ impl TestApp {
             .expect("sending POST")
     }
 
+    /// Starts `POST path` with a JSON body in its own task, for a request that is answered
+    /// only after something the test does next.
+    pub fn spawn_post_json(
+        &self,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> tokio::task::JoinHandle<Response> {
+        let request = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body);
+        tokio::spawn(async move { request.send().await.expect("sending POST") })
+    }
+
     /// `POST path` without a body, with `Authorization: Bearer <token>`.
     pub async fn post(&self, path: &str, token: &str) -> Response {
         self.client
@@ -545,6 +561,48 @@ pub async fn assert_error(res: Response, status: u16, code: &str) -> Value {
         "no message in {body}"
     );
     body
+}
+
+/// A new guest with a new conversation: (token, session id).
+pub async fn customer_with_session(app: &TestApp) -> (String, String) {
+    let guest = app.guest().await;
+    let session = app.create_session(&guest.access_token, "help").await;
+    let id = session["id"].as_str().expect("session id").to_string();
+    (guest.access_token, id)
+}
+
+/// The concatenated `delta`s of the `token` frames in `frames`.
+pub fn tokens_text(frames: &[Value]) -> String {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "token")
+        .map(|f| f["delta"].as_str().expect("delta"))
+        .collect()
+}
+
+/// The stored messages of a conversation, oldest first, through the REST API.
+pub async fn stored_messages(app: &TestApp, token: &str, session_id: &str) -> Vec<Value> {
+    let page = expect_json(
+        app.get(
+            &format!("/api/v1/chat/sessions/{session_id}/messages?limit=200"),
+            token,
+        )
+        .await,
+        200,
+    )
+    .await;
+    page["messages"].as_array().expect("messages").clone()
+}
+
+/// A response header that holds a number, such as `Retry-After`.
+pub fn numeric_header(res: &Response, name: &str) -> u64 {
+    res.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header: {:?}", res.headers()))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// Rows in each table, to check that refused input changed nothing.

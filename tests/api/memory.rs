@@ -10,11 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::TestDatabase;
-use crate::shutdown::start_server;
+use crate::shutdown::{guest_with_session, start_server};
 use crate::ws::{try_connect, WsClient, CUSTOMER_PATH};
 
 /// Resident memory of a process, in KiB, from `/proc`.
@@ -58,26 +57,7 @@ async fn slow_consumers_do_not_grow_the_nodes_memory() {
     let pid = server.child.id();
     let base = format!("http://127.0.0.1:{}", server.port);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let guest: Value = http
-        .post(format!("{base}/api/v1/auth/guest"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = guest["access_token"].as_str().unwrap().to_string();
-    let session: Value = http
-        .post(format!("{base}/api/v1/chat/sessions"))
-        .bearer_auth(&token)
-        .json(&json!({"title": "memory"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = session["id"].as_str().unwrap().to_string();
+    let (token, sid) = guest_with_session(&http, &base).await;
 
     // Clients that subscribe and then never read another byte.
     let mut stalled = Vec::new();

@@ -9,39 +9,8 @@ use crate::fake_http::{
     bedrock_converse, bedrock_error, bedrock_stream, bedrock_stream_reply, openai_sse, FakeServer,
     Part, Reply,
 };
-use crate::helpers::{expect_json, spawn_app_with, TestApp};
+use crate::helpers::{customer_with_session, spawn_app_with, stored_messages, tokens_text};
 use crate::ws::WsClient;
-
-/// A new guest with a new conversation: (token, session id).
-pub async fn customer_with_session(app: &TestApp) -> (String, String) {
-    let guest = app.guest().await;
-    let session = app.create_session(&guest.access_token, "help").await;
-    let id = session["id"].as_str().expect("session id").to_string();
-    (guest.access_token, id)
-}
-
-/// The concatenated `delta`s of the `token` frames in `frames`.
-pub fn tokens_text(frames: &[Value]) -> String {
-    frames
-        .iter()
-        .filter(|f| f["type"] == "token")
-        .map(|f| f["delta"].as_str().expect("delta"))
-        .collect()
-}
-
-/// The stored messages of a conversation, oldest first, through the REST API.
-pub async fn stored_messages(app: &TestApp, token: &str, session_id: &str) -> Vec<Value> {
-    let page = expect_json(
-        app.get(
-            &format!("/api/v1/chat/sessions/{session_id}/messages?limit=200"),
-            token,
-        )
-        .await,
-        200,
-    )
-    .await;
-    page["messages"].as_array().expect("messages").clone()
-}
 
 /// Points the app at an OpenAI-compatible fake.
 pub fn use_openai(s: &mut Settings, fake: &FakeServer) {

@@ -5,25 +5,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use switchboard::config::Settings;
 
-use crate::helpers::{assert_error, expect_json, spawn_app_with, TestApp};
+use crate::helpers::{
+    assert_error, customer_with_session, expect_json, numeric_header, spawn_app_with,
+};
 use crate::ws::WsClient;
-
-async fn customer_with_session(app: &TestApp) -> (String, String) {
-    let guest = app.guest().await;
-    let session = app.create_session(&guest.access_token, "help").await;
-    let id = session["id"].as_str().expect("session id").to_string();
-    (guest.access_token, id)
-}
-
-fn header(res: &reqwest::Response, name: &str) -> u64 {
-    res.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header: {:?}", res.headers()))
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
 
 #[tokio::test]
 async fn a_socket_over_its_frame_limit_is_told_then_closed_if_it_keeps_on() {
@@ -126,11 +111,11 @@ async fn messages_over_the_users_rate_are_refused_on_the_socket_and_over_http() 
 
     // HTTP shares the user's budget: 429 with the rate limit headers, nothing stored.
     let res = app.post_message(&token, &sid, "over http", None).await;
-    assert_eq!(header(&res, "X-RateLimit-Limit"), 2);
-    assert_eq!(header(&res, "X-RateLimit-Remaining"), 0);
-    let retry = header(&res, "Retry-After");
+    assert_eq!(numeric_header(&res, "X-RateLimit-Limit"), 2);
+    assert_eq!(numeric_header(&res, "X-RateLimit-Remaining"), 0);
+    let retry = numeric_header(&res, "Retry-After");
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
-    assert!(header(&res, "X-RateLimit-Reset") >= retry);
+    assert!(numeric_header(&res, "X-RateLimit-Reset") >= retry);
     assert_error(res, 429, "rate_limited").await;
     let users_rows = app.message_count(&sid).await;
     // Two customer messages, plus whatever AI answers were stored meanwhile.
@@ -171,9 +156,9 @@ async fn sign_in_endpoints_answer_429_past_the_limit_per_address() {
         .send()
         .await
         .unwrap();
-    assert_eq!(header(&res, "X-RateLimit-Limit"), 3);
-    assert_eq!(header(&res, "X-RateLimit-Remaining"), 0);
-    assert!(header(&res, "Retry-After") >= 1);
+    assert_eq!(numeric_header(&res, "X-RateLimit-Limit"), 3);
+    assert_eq!(numeric_header(&res, "X-RateLimit-Remaining"), 0);
+    assert!(numeric_header(&res, "Retry-After") >= 1);
     let body = assert_error(res, 429, "rate_limited").await;
     assert!(
         body["message"].as_str().unwrap().contains("retry"),

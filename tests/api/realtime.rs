@@ -11,7 +11,7 @@ use switchboard::db::models::Role;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{expect_json, spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{expect_json, spawn_app, spawn_app_with, tokens_text, TestApp};
 use crate::ws::{read_until, refused_status, request, try_connect, WsClient, STAFF_PATH};
 
 /// A conversation's whole history through the REST API, following `next_cursor`.
@@ -53,15 +53,6 @@ async fn customer_with_session(app: &TestApp) -> (String, String, String) {
     let session = app.create_session(&guest.access_token, "help").await;
     let id = session["id"].as_str().expect("session id").to_string();
     (guest.access_token, guest.user_id, id)
-}
-
-/// The concatenated `delta`s of the `token` frames in `frames`.
-fn tokens_text(frames: &[Value]) -> String {
-    frames
-        .iter()
-        .filter(|f| f["type"] == "token")
-        .map(|f| f["delta"].as_str().expect("delta"))
-        .collect()
 }
 
 fn millis(ms: u64) -> HumanDuration {

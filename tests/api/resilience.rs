@@ -3,28 +3,21 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use switchboard::config::{HumanDuration, Settings};
 
 use crate::fake_http::{
     bedrock_delta, bedrock_error, bedrock_exception, bedrock_stream, bedrock_stream_reply,
-    openai_delta, openai_sse, FakeServer, Part, Reply,
+    openai_delta, openai_error, openai_sse, FakeServer, Part, Reply,
 };
-use crate::helpers::{spawn_app_with, TestApp};
-use crate::providers::{
-    ask, customer_with_session, stored_messages, tokens_text, use_bedrock, use_openai,
+use crate::helpers::{
+    customer_with_session, spawn_app_with, stored_messages, tokens_text, TestApp,
 };
+use crate::providers::{ask, use_bedrock, use_openai};
 use crate::ws::WsClient;
 
 fn sse_ok(text: &str) -> Reply {
     Reply::stream("text/event-stream", openai_sse(&[text], Some((5, 1))))
-}
-
-fn openai_error(status: u16) -> Reply {
-    Reply::json(
-        status,
-        &json!({"error": {"message": format!("status {status}")}}),
-    )
 }
 
 /// Quick retries, so the tests do not wait on production pauses.

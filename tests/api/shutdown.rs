@@ -96,7 +96,7 @@ pub fn start_server(db_url: &str, env: &[(&str, &str)]) -> Server {
 }
 
 /// A new guest and a conversation of theirs: (token, session id).
-async fn guest_with_session(http: &reqwest::Client, base: &str) -> (String, String) {
+pub async fn guest_with_session(http: &reqwest::Client, base: &str) -> (String, String) {
     let guest: Value = http
         .post(format!("{base}/api/v1/auth/guest"))
         .send()
