@@ -164,7 +164,23 @@
   async function prepare() {
     await validToken();
     await openConversation();
+    showDemo();
     return auth.access_token;
+  }
+
+  let demoChecked = false;
+  /** Says so when the answers come from the built-in demo model. Best effort, once. */
+  function showDemo() {
+    if (demoChecked) return;
+    demoChecked = true;
+    api("/api/v1/llm/providers", { token: auth.access_token })
+      .then((r) => {
+        const primary = (r.providers || []).find((p) => p.role === "primary");
+        $("demo").hidden = !(primary && primary.demo);
+      })
+      .catch(() => {
+        demoChecked = false;
+      });
   }
 
   function onFrame(f) {

@@ -85,6 +85,12 @@ async fn a_customer_sees_the_demo_answer_stream_in_and_can_stop_one() {
     let browser = Browser::start("widget").await;
     open_widget(&app, &browser).await;
     let session_id = widget_session(&browser).await;
+    browser
+        .wait_for(
+            "the page to say its answers come from the demo model",
+            "!document.getElementById('demo').hidden",
+        )
+        .await;
 
     let question = "How do I reset my password?";
     say(&browser, question).await;
