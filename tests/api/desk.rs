@@ -114,6 +114,17 @@ async fn a_dashboard_gets_a_snapshot_then_every_change_live() {
     assert_eq!(s["last_seq"], 0, "{s}");
     assert_eq!(s["last_message"], Value::Null, "{s}");
 
+    // The same agent opens a second dashboard: already online, so nobody is told.
+    let mut again = WsClient::staff(&app, &agent.access_token).await;
+    let snap = again.next_of("snapshot").await;
+    assert_eq!(snap["agents_online"].as_array().unwrap().len(), 1, "{snap}");
+    let seen = desk_ws.ping("after-a-second-dashboard").await;
+    assert!(
+        seen.iter().all(|f| f["type"] != "agents_online"),
+        "{seen:?}"
+    );
+    again.close().await;
+
     // A second agent comes online, then the customer goes offline.
     let other = app.user("other@example.com", Role::Admin).await;
     let other_ws = WsClient::staff(&app, &other.access_token).await;

@@ -807,6 +807,43 @@ async fn presence_and_typing_reach_the_other_members() {
     assert_eq!(members(&p), only_customer, "{p}");
 }
 
+#[tokio::test]
+async fn a_second_connection_of_someone_present_is_not_announced() {
+    let app = spawn_app().await;
+    let (token, customer_id, sid) = customer_with_session(&app).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut customer = WsClient::customer(&app, &token).await;
+    customer.resume(&sid, 0).await;
+    customer.next_of("presence").await;
+    let mut first = WsClient::staff(&app, &agent.access_token).await;
+    first.resume(&sid, 0).await;
+    let mut both = vec![
+        (customer_id.clone(), "customer".to_string()),
+        (agent.user_id.clone(), "agent".to_string()),
+    ];
+    both.sort();
+    assert_eq!(members(&customer.next_of("presence").await), both);
+
+    // A second tab of the agent gets the list itself; the customer hears nothing.
+    let mut second = WsClient::staff(&app, &agent.access_token).await;
+    second.resume(&sid, 0).await;
+    let p = second.next_of("presence").await;
+    assert_eq!(members(&p), both, "{p}");
+    let seen = customer.ping("after-the-second-tab").await;
+    assert!(seen.iter().all(|f| f["type"] != "presence"), "{seen:?}");
+
+    // Closing one tab leaves the agent present; closing the last one is announced. Had the
+    // first close been announced, the next presence would still list the agent.
+    second.close().await;
+    first.close().await;
+    let p = customer.next_of("presence").await;
+    assert_eq!(
+        members(&p),
+        vec![(customer_id, "customer".to_string())],
+        "{p}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_while_an_answer_is_being_stored_repeats_no_seq() {
     // Resume lands at every point of an answer's life (streaming, being stored, stored) in

@@ -8,7 +8,7 @@
 //! Dashboard updates are gathered and sent together every [`FLUSH_EVERY`]: one read of the
 //! changed conversations' summaries however many events touched them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -69,6 +69,9 @@ pub struct Desk {
     settings: DeskSettings,
     /// Dashboard sockets and who is behind each.
     staff: HashMap<ConnId, AgentView>,
+    /// Who is online, with their number of dashboards: `agents_online` goes out only when
+    /// someone comes or goes, not when an agent opens a second tab.
+    online: BTreeMap<AgentView, usize>,
     /// Dashboards whose snapshot is being read: the snapshot is their first desk frame, so
     /// updates skip them until it is sent.
     awaiting_snapshot: HashSet<ConnId>,
@@ -86,6 +89,7 @@ impl Desk {
         Desk {
             settings,
             staff: HashMap::new(),
+            online: BTreeMap::new(),
             awaiting_snapshot: HashSet::new(),
             held: HashMap::new(),
             timers: HashMap::new(),
@@ -124,10 +128,36 @@ impl Desk {
     }
 
     fn agents_online(&self) -> Vec<AgentView> {
-        let mut agents: Vec<AgentView> = self.staff.values().cloned().collect();
-        agents.sort();
-        agents.dedup();
-        agents
+        self.online.keys().cloned().collect()
+    }
+
+    /// A dashboard opened; true when its agent was not online before.
+    fn add_dashboard(&mut self, conn_id: ConnId, agent: AgentView) -> bool {
+        if self.staff.contains_key(&conn_id) {
+            return false;
+        }
+        self.staff.insert(conn_id, agent.clone());
+        let n = self.online.entry(agent).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// A dashboard closed; true when that was its agent's last one.
+    fn remove_dashboard(&mut self, conn_id: ConnId) -> bool {
+        let Some(agent) = self.staff.remove(&conn_id) else {
+            return false;
+        };
+        match self.online.get_mut(&agent) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.online.remove(&agent);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -155,6 +185,7 @@ impl SessionManager {
     /// Every socket was closed: no dashboard is left to tell anything.
     pub(super) fn desk_closed(&mut self) {
         self.desk.staff.clear();
+        self.desk.online.clear();
         self.desk.awaiting_snapshot.clear();
         self.desk.dirty.clear();
         self.desk.queue_dirty = false;
@@ -163,7 +194,7 @@ impl SessionManager {
     /// A socket closed: if it was a dashboard, the others learn who is still online.
     pub(super) fn desk_forget(&mut self, conn_id: ConnId) {
         self.desk.awaiting_snapshot.remove(&conn_id);
-        if self.desk.staff.remove(&conn_id).is_some() {
+        if self.desk.remove_dashboard(conn_id) {
             self.send_agents_online();
         }
     }
@@ -606,10 +637,12 @@ impl Handler<JoinDesk> for SessionManager {
         if !self.connections.contains_key(&msg.conn_id) {
             return;
         }
-        self.desk.staff.insert(msg.conn_id, msg.agent);
+        let arrived = self.desk.add_dashboard(msg.conn_id, msg.agent);
         // The newcomer learns who is online from its snapshot.
         self.desk.awaiting_snapshot.insert(msg.conn_id);
-        self.send_agents_online();
+        if arrived {
+            self.send_agents_online();
+        }
         let db = self.db.clone();
         let max = self.desk.settings.snapshot_max;
         let read = async move {

@@ -23,7 +23,7 @@
 pub mod desk;
 pub mod messages;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,10 +162,52 @@ pub struct Coalescing {
 #[derive(Default)]
 struct Conversation {
     members: HashMap<ConnId, Member>,
+    /// Who is present (what `presence` lists), with their number of connections here: the
+    /// list goes out when a person comes or goes, not for a second tab of the same person.
+    peers: BTreeMap<Peer, usize>,
     reply: Option<LiveReply>,
     /// A customer wrote while an answer was in flight: answer again when it is stored.
     turn_pending: bool,
     burst: Option<Burst>,
+}
+
+impl Conversation {
+    /// Adds a member, or replaces its state; true when a person arrived who was not here.
+    fn add_member(&mut self, conn_id: ConnId, member: Member, peer: Peer) -> bool {
+        if self.members.insert(conn_id, member).is_some() {
+            return false;
+        }
+        let n = self.peers.entry(peer).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// Removes a member; true when that was the person's last connection here.
+    fn remove_member(&mut self, conn_id: ConnId, peer: &Peer) -> bool {
+        if self.members.remove(&conn_id).is_none() {
+            return false;
+        }
+        match self.peers.get_mut(peer) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.peers.remove(peer);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Connection {
+    fn peer(&self) -> Peer {
+        Peer {
+            user_id: self.user_id.clone(),
+            role: self.role.as_str().to_string(),
+        }
+    }
 }
 
 pub struct SessionManager {
@@ -251,11 +293,13 @@ impl SessionManager {
             return;
         };
         self.desk_forget(conn_id);
+        let peer = conn.peer();
         for session_id in conn.sessions {
             if let Some(conv) = self.conversations.get_mut(&session_id) {
-                conv.members.remove(&conn_id);
+                if conv.remove_member(conn_id, &peer) {
+                    self.announce_presence(&session_id, true, None);
+                }
             }
-            self.announce_presence(&session_id);
             self.tidy(&session_id);
         }
     }
@@ -275,6 +319,11 @@ impl SessionManager {
 
     /// Sends one event to every member of a conversation, serialised once.
     fn broadcast(&mut self, session_id: &str, frame: &ServerFrame) {
+        self.deliver(session_id, frame, None);
+    }
+
+    /// Queues an event for every member of a conversation, or for the member `only`.
+    fn deliver(&mut self, session_id: &str, frame: &ServerFrame, only: Option<ConnId>) {
         let event = Event {
             text: ByteString::from(frame.to_text()),
             kind: EventKind::of(frame),
@@ -284,7 +333,11 @@ impl SessionManager {
         };
         let mut deliver = Vec::new();
         let mut overflowing = Vec::new();
-        for (conn_id, member) in conv.members.iter_mut() {
+        let members = conv
+            .members
+            .iter_mut()
+            .filter(|(conn_id, _)| only.is_none_or(|o| o == **conn_id));
+        for (conn_id, member) in members {
             match &mut member.state {
                 MemberState::Replaying { held, .. } if held.len() >= self.held_max => {
                     overflowing.push(*conn_id)
@@ -313,27 +366,25 @@ impl SessionManager {
         self.push(conn_id, Out::Frame(ByteString::from(frame.to_text())));
     }
 
-    fn announce_presence(&mut self, session_id: &str) {
+    /// Tells the members who is present: everyone when that `changed`, else only a `joiner`
+    /// (who has not seen the list yet).
+    fn announce_presence(&mut self, session_id: &str, changed: bool, joiner: Option<ConnId>) {
+        if !changed && joiner.is_none() {
+            return;
+        }
         let Some(conv) = self.conversations.get(session_id) else {
             return;
         };
-        let mut members: Vec<Peer> = conv
-            .members
-            .keys()
-            .filter_map(|id| self.connections.get(id))
-            .map(|c| Peer {
-                user_id: c.user_id.clone(),
-                role: c.role.as_str().to_string(),
-            })
-            .collect();
-        members.sort();
-        members.dedup();
-        self.desk.touch(session_id);
         let frame = ServerFrame::Presence {
             session_id: session_id.to_string(),
-            members,
+            members: conv.peers.keys().cloned().collect(),
         };
-        self.broadcast(session_id, &frame);
+        if changed {
+            self.desk.touch(session_id);
+            self.broadcast(session_id, &frame);
+        } else {
+            self.deliver(session_id, &frame, joiner);
+        }
     }
 
     /// The answer in flight in a conversation, if it is `reply_id` (any answer when `None`).
@@ -748,19 +799,21 @@ impl SessionManager {
             return;
         };
         let newly_joined = conn.sessions.insert(session_id.clone());
+        let peer = conn.peer();
         let conv = self.conversations.entry(session_id.clone()).or_default();
         if !newly_joined && after_seq.is_none() {
             return;
         }
         let Some(after_seq) = after_seq else {
-            conv.members.insert(
+            let arrived = conv.add_member(
                 conn_id,
                 Member {
                     state: MemberState::Live,
                     delivered: 0,
                 },
+                peer,
             );
-            self.announce_presence(&session_id);
+            self.announce_presence(&session_id, arrived, Some(conn_id));
             return;
         };
         let mut held = Vec::new();
@@ -791,7 +844,7 @@ impl SessionManager {
                 }
             )
         });
-        conv.members.insert(
+        let arrived = conv.add_member(
             conn_id,
             Member {
                 state: MemberState::Replaying {
@@ -803,9 +856,10 @@ impl SessionManager {
                 },
                 delivered: after_seq,
             },
+            peer,
         );
         if newly_joined {
-            self.announce_presence(&session_id);
+            self.announce_presence(&session_id, arrived, Some(conn_id));
         }
         if !busy {
             self.fetch_replay(conn_id, session_id, replay, after_seq, ctx);
@@ -1007,12 +1061,13 @@ impl Handler<Leave> for SessionManager {
 
 impl SessionManager {
     fn leave(&mut self, conn_id: ConnId, session_id: &str) {
-        if let Some(conn) = self.connections.get_mut(&conn_id) {
+        let peer = self.connections.get_mut(&conn_id).map(|conn| {
             conn.sessions.remove(session_id);
-        }
-        if let Some(conv) = self.conversations.get_mut(session_id) {
-            if conv.members.remove(&conn_id).is_some() {
-                self.announce_presence(session_id);
+            conn.peer()
+        });
+        if let (Some(conv), Some(peer)) = (self.conversations.get_mut(session_id), peer) {
+            if conv.remove_member(conn_id, &peer) {
+                self.announce_presence(session_id, true, None);
             }
         }
         self.tidy(session_id);

@@ -132,6 +132,10 @@ enum Command {
         step: f64,
         #[arg(long, default_value_t = 2.0)]
         drain: f64,
+        /// switchboard: agent dashboards open on the desk feed besides the rooms (they get
+        /// every conversation's updates; none by default, as the peers have no desk).
+        #[arg(long, default_value_t = 0)]
+        dashboards: usize,
         #[arg(long, default_value_t = 2.0)]
         gap: f64,
     },
@@ -252,11 +256,13 @@ fn coordinate(command: Command) -> anyhow::Result<bool> {
                 loads,
                 step,
                 drain,
+                dashboards,
                 gap,
             } => {
                 let ctx = context(&common);
                 let r = scenarios::Rooms {
                     rooms,
+                    dashboards,
                     loads,
                     step: secs(step),
                     drain: secs(drain),

@@ -64,10 +64,12 @@ impl Ctx {
             .context("signing the agent in")
     }
 
-    /// A connection of this target. `staff` picks the agents' endpoint on switchboard.
-    fn conn(&self, token: &str, staff: bool, room: Option<String>, role: Role) -> ConnSpec {
+    /// A connection of this target. On switchboard, `dashboard` picks the staff endpoint,
+    /// which also streams the desk feed (every conversation's updates); agents working in
+    /// conversations use the chat endpoint with their own token.
+    fn conn(&self, token: &str, dashboard: bool, room: Option<String>, role: Role) -> ConnSpec {
         let path = match self.proto {
-            Proto::Switchboard if staff => format!("/api/v1/admin/chat/ws?token={token}"),
+            Proto::Switchboard if dashboard => format!("/api/v1/admin/chat/ws?token={token}"),
             Proto::Switchboard => format!("/api/v1/chat/ws?token={token}"),
             Proto::Plain => "/".into(),
             Proto::SocketIo => "/socket.io/?EIO=4&transport=websocket".into(),
@@ -256,16 +258,21 @@ pub async fn fanout(ctx: &Ctx, f: &Fanout) -> anyhow::Result<Vec<String>> {
     let rss_before = ctx.rss_now(&sampler);
     let mut workers = Workers::default();
     let listeners = (0..f.subscribers)
-        .map(|_| ctx.conn(&token, true, Some(room.clone()), Role::Listen))
+        .map(|_| ctx.conn(&token, false, Some(room.clone()), Role::Listen))
         .collect();
     let ready = workers
         .add(ctx.server, listeners, ctx.per_worker, ctx.min_workers)
         .await?;
     check_ready(&ready, &mut problems);
     // The sender gets a process of its own so that its clock is not held up by deliveries.
-    let mut own = vec![ctx.conn(&token, true, Some(room.clone()), Role::Send { weight: 1.0 })];
+    let mut own = vec![ctx.conn(
+        &token,
+        false,
+        Some(room.clone()),
+        Role::Send { weight: 1.0 },
+    )];
     if f.stall {
-        own.push(ctx.conn(&token, true, Some(room.clone()), Role::Stall));
+        own.push(ctx.conn(&token, false, Some(room.clone()), Role::Stall));
     }
     let ready_own = workers.add(ctx.server, own, usize::MAX, 1).await?;
     check_ready(&ready_own, &mut problems);
@@ -361,6 +368,8 @@ pub async fn fanout(ctx: &Ctx, f: &Fanout) -> anyhow::Result<Vec<String>> {
 
 pub struct Rooms {
     pub rooms: usize,
+    /// switchboard: idle dashboards on the desk feed.
+    pub dashboards: usize,
     pub loads: Vec<f64>,
     pub step: Duration,
     pub drain: Duration,
@@ -382,9 +391,15 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
                 .context("opening conversations")?
             {
                 conns.push(ctx.conn(&customer, false, Some(room.clone()), Role::Listen));
-                conns.push(ctx.conn(&staff, true, Some(room.clone()), Role::Send { weight: 1.0 }));
-                conns.push(ctx.conn(&staff, true, Some(room), Role::Listen));
+                conns.push(ctx.conn(
+                    &staff,
+                    false,
+                    Some(room.clone()),
+                    Role::Send { weight: 1.0 },
+                ));
+                conns.push(ctx.conn(&staff, false, Some(room), Role::Listen));
             }
+            conns.extend((0..r.dashboards).map(|_| ctx.conn(&staff, true, None, Role::Idle)));
         }
         _ => {
             for i in 0..r.rooms {
@@ -453,10 +468,16 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
     }
     workers.finish().await?;
     workers.exit().await;
+    let dashboards = if ctx.proto == Proto::Switchboard {
+        r.dashboards
+    } else {
+        0
+    };
     t.note(format!(
-        "{} connections open of {}; latency from the scheduled send time to each recipient; rounds of {} s",
+        "{} connections open of {} ({} of them dashboards on the desk feed); latency from the scheduled send time to each recipient; rounds of {} s",
         ready.connected,
-        r.rooms * 3,
+        r.rooms * 3 + dashboards,
+        dashboards,
         r.step.as_secs()
     ));
     ctx.finish_table(t, &load_before);
@@ -581,7 +602,7 @@ pub async fn persist(ctx: &Ctx, p: &Persist) -> anyhow::Result<Vec<String>> {
         .await
         .context("opening conversations")?
         .into_iter()
-        .map(|room| ctx.conn(&staff, true, Some(room), Role::Pump { window: p.window }))
+        .map(|room| ctx.conn(&staff, false, Some(room), Role::Pump { window: p.window }))
         .collect();
     let sampler = ctx.sampler();
     let mut workers = Workers::default();

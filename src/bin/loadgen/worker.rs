@@ -496,6 +496,12 @@ impl Conn {
                 self.on_answer(text, now, ws, ask, round).await;
                 return;
             }
+            // Only the `message` frame is a delivery. Staff sockets also get the dashboard's
+            // `session_update`, whose `last_message` repeats the marked text a flush later:
+            // counting it would count a message twice and hide one that never came.
+            if !text.starts_with(r#"{"type":"message""#) {
+                return;
+            }
         }
         if self.spec.role != Role::Listen {
             return;
