@@ -148,15 +148,15 @@ pub fn append_batch(
             .map(|(id, status, seq)| (id, (status, seq)))
             .collect();
         // Messages of this batch whose client id is already stored, found in one query.
-        let client_ids: Vec<&str> = batch
+        let pairs: Vec<(&str, &str)> = batch
             .iter()
-            .filter_map(|m| m.client_id.as_deref())
+            .filter_map(|m| Some((m.session_id.as_str(), m.client_id.as_deref()?)))
             .collect();
         let mut stored: HashMap<(String, String), ChatMessage> = HashMap::new();
-        if !client_ids.is_empty() {
+        let found = stored_ids(conn, &pairs)?;
+        if !found.is_empty() {
             let found = chat_messages::table
-                .filter(chat_messages::session_id.eq_any(&ids))
-                .filter(chat_messages::client_id.eq_any(&client_ids))
+                .filter(chat_messages::id.eq_any(&found))
                 .select(ChatMessage::as_select())
                 .load(conn)?;
             for m in found {
@@ -268,6 +268,49 @@ pub fn append_batch(
         }
         Ok(outcomes)
     })
+}
+
+#[derive(QueryableByName)]
+struct FoundId {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+}
+
+/// Ids of the stored messages with any of these (conversation, client id) pairs: one lookup
+/// in the `(session_id, client_id)` index per pair. (Two IN lists, one of conversations and
+/// one of client ids, made SQLite probe every combination: 65,536 probes for a batch of 256
+/// messages in 256 conversations.)
+fn stored_ids(conn: &mut DbConnection, pairs: &[(&str, &str)]) -> QueryResult<Vec<i64>> {
+    use diesel::sql_types::{Array, Text};
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let found: Vec<FoundId> = match conn {
+        DbConnection::Pg(pg) => {
+            let (sessions, clients): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+            diesel::sql_query(
+                "SELECT m.id FROM unnest($1::text[], $2::text[]) AS p(session_id, client_id) \
+                 JOIN chat_messages m \
+                 ON m.session_id = p.session_id AND m.client_id = p.client_id",
+            )
+            .bind::<Array<Text>, _>(sessions)
+            .bind::<Array<Text>, _>(clients)
+            .load(pg)?
+        }
+        DbConnection::Sqlite(sqlite) => {
+            let json = serde_json::to_string(pairs)
+                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            // CROSS JOIN keeps the pairs as the outer loop.
+            diesel::sql_query(
+                "SELECT m.id FROM json_each(?) AS p CROSS JOIN chat_messages m \
+                 ON m.session_id = json_extract(p.value, '$[0]') \
+                 AND m.client_id = json_extract(p.value, '$[1]')",
+            )
+            .bind::<Text, _>(json)
+            .load(sqlite)?
+        }
+    };
+    Ok(found.into_iter().map(|f| f.id).collect())
 }
 
 /// The columns of one new `chat_messages` row.
