@@ -8,14 +8,14 @@
 //! Dashboard updates are gathered and sent together every [`FLUSH_EVERY`]: one read of the
 //! changed conversations' summaries however many events touched them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::NaiveDateTime;
 
 use super::messages::*;
-use super::SessionManager;
+use super::{Census, SessionManager};
 use crate::actors::persistence::DbError;
 use crate::db::models::desk::{self, Refused, Summary};
 use crate::db::models::session::{self, StatusChange, ACTIVE, MODE_HUMAN};
@@ -71,7 +71,7 @@ pub struct Desk {
     staff: HashMap<ConnId, AgentView>,
     /// Who is online, with their number of dashboards: `agents_online` goes out only when
     /// someone comes or goes, not when an agent opens a second tab.
-    online: BTreeMap<AgentView, usize>,
+    online: Census<AgentView>,
     /// Dashboards whose snapshot is being read: the snapshot is their first desk frame, so
     /// updates skip them until it is sent.
     awaiting_snapshot: HashSet<ConnId>,
@@ -89,7 +89,7 @@ impl Desk {
         Desk {
             settings,
             staff: HashMap::new(),
-            online: BTreeMap::new(),
+            online: Census::default(),
             awaiting_snapshot: HashSet::new(),
             held: HashMap::new(),
             timers: HashMap::new(),
@@ -128,7 +128,7 @@ impl Desk {
     }
 
     fn agents_online(&self) -> Vec<AgentView> {
-        self.online.keys().cloned().collect()
+        self.online.list()
     }
 
     /// A dashboard opened; true when its agent was not online before.
@@ -137,27 +137,14 @@ impl Desk {
             return false;
         }
         self.staff.insert(conn_id, agent.clone());
-        let n = self.online.entry(agent).or_insert(0);
-        *n += 1;
-        *n == 1
+        self.online.add(agent)
     }
 
     /// A dashboard closed; true when that was its agent's last one.
     fn remove_dashboard(&mut self, conn_id: ConnId) -> bool {
-        let Some(agent) = self.staff.remove(&conn_id) else {
-            return false;
-        };
-        match self.online.get_mut(&agent) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                self.online.remove(&agent);
-                true
-            }
-            None => false,
-        }
+        self.staff
+            .remove(&conn_id)
+            .is_some_and(|agent| self.online.remove(&agent))
     }
 }
 

@@ -164,7 +164,7 @@ struct Conversation {
     members: HashMap<ConnId, Member>,
     /// Who is present (what `presence` lists), with their number of connections here: the
     /// list goes out when a person comes or goes, not for a second tab of the same person.
-    peers: BTreeMap<Peer, usize>,
+    peers: Census<Peer>,
     reply: Option<LiveReply>,
     /// A customer wrote while an answer was in flight: answer again when it is stored.
     turn_pending: bool,
@@ -174,30 +174,56 @@ struct Conversation {
 impl Conversation {
     /// Adds a member, or replaces its state; true when a person arrived who was not here.
     fn add_member(&mut self, conn_id: ConnId, member: Member, peer: Peer) -> bool {
-        if self.members.insert(conn_id, member).is_some() {
-            return false;
-        }
-        let n = self.peers.entry(peer).or_insert(0);
-        *n += 1;
-        *n == 1
+        self.members.insert(conn_id, member).is_none() && self.peers.add(peer)
     }
 
     /// Removes a member; true when that was the person's last connection here.
     fn remove_member(&mut self, conn_id: ConnId, peer: &Peer) -> bool {
-        if self.members.remove(&conn_id).is_none() {
-            return false;
-        }
-        match self.peers.get_mut(peer) {
+        self.members.remove(&conn_id).is_some() && self.peers.remove(peer)
+    }
+}
+
+/// Who is there, with how many connections each: a person is listed from their first
+/// connection to their last, so a second tab changes nothing. Conversations count their
+/// members with it (`presence`), the desk its dashboards (`agents_online`).
+struct Census<K>(BTreeMap<K, usize>);
+
+impl<K> Default for Census<K> {
+    fn default() -> Self {
+        Census(BTreeMap::new())
+    }
+}
+
+impl<K: Ord + Clone> Census<K> {
+    /// Counts one more connection of `who`; true when it is their first.
+    fn add(&mut self, who: K) -> bool {
+        let n = self.0.entry(who).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// Counts one connection of `who` less; true when it was their last.
+    fn remove(&mut self, who: &K) -> bool {
+        match self.0.get_mut(who) {
             Some(n) if *n > 1 => {
                 *n -= 1;
                 false
             }
             Some(_) => {
-                self.peers.remove(peer);
+                self.0.remove(who);
                 true
             }
             None => false,
         }
+    }
+
+    /// Everyone there, in order.
+    fn list(&self) -> Vec<K> {
+        self.0.keys().cloned().collect()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 
@@ -333,14 +359,14 @@ impl SessionManager {
         };
         let mut deliver = Vec::new();
         let mut overflowing = Vec::new();
-        let members = conv
-            .members
-            .iter_mut()
-            .filter(|(conn_id, _)| only.is_none_or(|o| o == **conn_id));
-        for (conn_id, member) in members {
+        let (one, all) = match only {
+            Some(conn_id) => (conv.members.get_mut(&conn_id).map(|m| (conn_id, m)), None),
+            None => (None, Some(conv.members.iter_mut().map(|(id, m)| (*id, m)))),
+        };
+        for (conn_id, member) in one.into_iter().chain(all.into_iter().flatten()) {
             match &mut member.state {
                 MemberState::Replaying { held, .. } if held.len() >= self.held_max => {
-                    overflowing.push(*conn_id)
+                    overflowing.push(conn_id)
                 }
                 MemberState::Replaying { held, .. } => held.push(event.clone()),
                 MemberState::Live => {
@@ -350,7 +376,7 @@ impl SessionManager {
                         }
                         member.delivered = seq;
                     }
-                    deliver.push(*conn_id);
+                    deliver.push(conn_id);
                 }
             }
         }
@@ -377,7 +403,7 @@ impl SessionManager {
         };
         let frame = ServerFrame::Presence {
             session_id: session_id.to_string(),
-            members: conv.peers.keys().cloned().collect(),
+            members: conv.peers.list(),
         };
         if changed {
             self.desk.touch(session_id);
@@ -799,11 +825,11 @@ impl SessionManager {
             return;
         };
         let newly_joined = conn.sessions.insert(session_id.clone());
-        let peer = conn.peer();
         let conv = self.conversations.entry(session_id.clone()).or_default();
         if !newly_joined && after_seq.is_none() {
             return;
         }
+        let peer = conn.peer();
         let Some(after_seq) = after_seq else {
             let arrived = conv.add_member(
                 conn_id,
