@@ -13,5 +13,6 @@ pub mod protocol;
 pub mod providers;
 pub mod ratelimit;
 pub mod routes;
+pub mod server;
 pub mod startup;
 pub mod telemetry;

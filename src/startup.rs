@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
 use anyhow::Context;
 
 use actix::{Actor, Addr};
@@ -153,7 +153,7 @@ impl Application {
             n => n,
         };
         let route_settings = Arc::new(settings);
-        let server = HttpServer::new(move || {
+        let server = crate::server::serve(listener, workers, shutdown_timeout, move || {
             let route_settings = route_settings.clone();
             App::new()
                 .app_data(state.clone())
@@ -163,13 +163,7 @@ impl Application {
                 .wrap(routes::json_errors())
                 .wrap(RequestId)
                 .configure(move |cfg| routes::configure(cfg, &route_settings))
-        })
-        .listen(listener)?
-        .workers(workers)
-        // Signals are ours: the sockets and answers drain before the HTTP server stops.
-        .disable_signals()
-        .shutdown_timeout(shutdown_timeout.as_secs().max(1))
-        .run();
+        })?;
         log::info!("listening on {address} (port {port})");
         Ok(Application {
             port,

@@ -3,11 +3,14 @@
 //! The token is checked before the upgrade: a missing or bad one is refused with 401, a
 //! customer on the admin endpoint with 403. It may come as `?token=`, as
 //! `Authorization: Bearer`, or as the sub-protocol `bearer.<token>` next to `switchboard.v1`.
+//!
+//! An accepted upgrade is answered `101` with an [`Accepted`] attached; the server
+//! (`crate::server`) sends the answer and hands the socket to it.
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::actors::ws_session::{Limits, WsSession};
+use crate::actors::ws_session::{Accepted, Limits};
 use crate::auth::{authenticate, bearer_token};
 use crate::error::ApiError;
 use crate::protocol::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX};
@@ -18,25 +21,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/admin/chat/ws").get(staff));
 }
 
-async fn customer(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    upgrade(req, body, state, false).await
+async fn customer(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    upgrade(req, state, false).await
 }
 
-async fn staff(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    upgrade(req, body, state, true).await
+async fn staff(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    upgrade(req, state, true).await
 }
 
 async fn upgrade(
     req: HttpRequest,
-    body: web::Payload,
     state: web::Data<AppState>,
     staff_only: bool,
 ) -> Result<HttpResponse, ApiError> {
@@ -51,17 +45,17 @@ async fn upgrade(
             "this endpoint is for agents and admins",
         ));
     }
-    let (res, socket, stream) = actix_ws::handle_with_protocols(&req, body, &[SUBPROTOCOL])
+    let mut res = actix_http::ws::handshake(req.head())
         .map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {e}")))?;
+    if offered_protocols(&req).any(|p| p == SUBPROTOCOL) {
+        res.insert_header((header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL));
+    }
     let realtime = &state.settings.realtime;
-    let stream = stream
-        .max_frame_size(realtime.max_frame_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(realtime.max_frame_bytes);
     let limits = Limits {
         heartbeat_interval: realtime.heartbeat_interval.get(),
         client_timeout: realtime.client_timeout.get(),
         max_message_bytes: state.settings.chat.max_message_bytes,
+        max_frame_bytes: realtime.max_frame_bytes,
         outbound_queue: realtime.outbound_queue,
         max_pending_acks: realtime.max_pending_acks,
         rates: state.limits.clone(),
@@ -71,25 +65,29 @@ async fn upgrade(
         user.role.as_str(),
         user.id
     );
-    WsSession::start(
+    let mut res = HttpResponse::from(res.finish()).map_into_boxed_body();
+    res.extensions_mut().insert(Accepted {
         user,
-        state.manager.clone(),
-        state.db.clone(),
-        socket,
-        stream,
+        manager: state.manager.clone(),
+        db: state.db.clone(),
         limits,
-        staff_only,
-    );
+        desk: staff_only,
+    });
     Ok(res)
 }
 
-/// A token offered as the sub-protocol `bearer.<token>`.
-fn subprotocol_token(req: &HttpRequest) -> Option<String> {
+/// The sub-protocols the client offered, in its order.
+fn offered_protocols(req: &HttpRequest) -> impl Iterator<Item = &str> {
     req.headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
+}
+
+/// A token offered as the sub-protocol `bearer.<token>`.
+fn subprotocol_token(req: &HttpRequest) -> Option<String> {
+    offered_protocols(req)
         .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
         .map(str::to_string)
 }

@@ -23,3 +23,4 @@ mod shutdown;
 mod users;
 mod webdriver;
 mod ws;
+mod ws_transport;

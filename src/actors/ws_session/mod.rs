@@ -1,11 +1,13 @@
 //! WsSession: one actor per WebSocket connection.
 //!
-//! Runs on the HTTP worker's arbiter that accepted the connection. It owns the socket: it
-//! reads frames (an `actix-ws` stream added to the actor), checks each against the caller's
-//! rights, and hands it to the SessionManager. Writing is done by a separate task that drains
-//! the connection's bounded outbound queue into the socket; the SessionManager and this actor
-//! both queue into it. Registers with the SessionManager in `started()`, leaves in
-//! `stopping()`, pings on a heartbeat and drops a client that stays silent too long.
+//! Runs on the HTTP worker's arbiter that accepted the connection. Once the upgrade is
+//! answered the server hands over the raw socket ([`Accepted::run`]): this actor reads it (a
+//! [`socket::FrameReader`] added as a stream), checks each frame against the caller's rights,
+//! and hands it to the SessionManager. Writing is the connection task's own loop
+//! ([`socket::write_loop`]), which drains the connection's bounded outbound queue into the
+//! socket; the SessionManager and this actor both queue into it. Registers with the
+//! SessionManager in `started()`, leaves in `stopping()`, pings on a heartbeat and drops a
+//! client that stays silent too long.
 //!
 //! What one client can make the node hold is bounded here: frames are read one at a time
 //! (the socket waits meanwhile), each takes a token from this socket's budget (over it:
@@ -13,6 +15,7 @@
 //! message budget, and at most `max_pending_acks` sends wait for their ack at once.
 
 pub mod messages;
+pub mod socket;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,8 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_ws::{CloseCode, CloseReason, ProtocolError};
+use actix_http::ws::ProtocolError;
+use bytes::BytesMut;
 use bytestring::ByteString;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::persistence::Db;
@@ -36,9 +41,8 @@ use crate::protocol::{self, AgentView, ClientFrame, ServerFrame};
 use crate::ratelimit::{Bucket, RateLimits};
 
 pub use messages::Kick;
+use socket::{FrameReader, Inbound};
 
-/// How long the writer keeps trying to say goodbye to a client that is not reading.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const MAX_SESSION_ID_BYTES: usize = 64;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -49,6 +53,8 @@ pub struct Limits {
     pub heartbeat_interval: Duration,
     pub client_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Largest WebSocket message read, joined from its frames.
+    pub max_frame_bytes: usize,
     /// Frames that may wait for the socket before the client counts as a slow consumer.
     pub outbound_queue: usize,
     /// Sends not yet acknowledged (or refused) past which a `send` is refused.
@@ -78,22 +84,37 @@ pub struct WsSession {
     refused_in_a_row: u32,
 }
 
-impl WsSession {
-    /// Creates the actor for an upgraded socket and starts its writer task.
-    pub fn start(
-        user: AuthUser,
-        manager: Addr<SessionManager>,
-        db: Db,
-        socket: actix_ws::Session,
-        stream: actix_ws::AggregatedMessageStream,
-        limits: Limits,
-        desk: bool,
-    ) {
+/// A WebSocket the HTTP layer accepted: who is on it and on what terms. The route puts it on
+/// its `101 Switching Protocols` answer; the server hands it the socket once that is sent.
+pub struct Accepted {
+    pub user: AuthUser,
+    pub manager: Addr<SessionManager>,
+    pub db: Db,
+    pub limits: Limits,
+    /// Opened on the staff endpoint.
+    pub desk: bool,
+}
+
+impl Accepted {
+    /// Starts the actor on the socket and then writes to it until the connection ends.
+    /// `read` holds whatever the client sent right after its upgrade request.
+    pub async fn run(self, io: TcpStream, read: BytesMut) {
+        // Frames are gathered into writes by the writer; Nagle would only add delay.
+        if let Err(e) = io.set_nodelay(true) {
+            log::debug!("setting TCP_NODELAY: {e}");
+        }
+        let (reader, writer) = io.into_split();
+        let Accepted {
+            user,
+            manager,
+            db,
+            limits,
+            desk,
+        } = self;
         let (outbox, rx) = mpsc::channel(limits.outbound_queue.max(1));
         let (kill, killed) = oneshot::channel();
-        actix::spawn(write_loop(socket, rx, killed));
         WsSession::create(move |ctx| {
-            ctx.add_stream(stream);
+            ctx.add_stream(FrameReader::new(reader, read, limits.max_frame_bytes));
             WsSession {
                 id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
                 user,
@@ -110,8 +131,11 @@ impl WsSession {
                 refused_in_a_row: 0,
             }
         });
+        socket::write_loop(writer, rx, killed).await;
     }
+}
 
+impl WsSession {
     /// Queues a frame of our own (hello, pong, errors). A full queue means a slow consumer.
     fn send(&mut self, frame: &ServerFrame, ctx: &mut Context<Self>) {
         let text = ByteString::from(frame.to_text());
@@ -439,13 +463,9 @@ impl Actor for WsSession {
     }
 }
 
-impl StreamHandler<Result<actix_ws::AggregatedMessage, ProtocolError>> for WsSession {
-    fn handle(
-        &mut self,
-        item: Result<actix_ws::AggregatedMessage, ProtocolError>,
-        ctx: &mut Context<Self>,
-    ) {
-        use actix_ws::AggregatedMessage as M;
+impl StreamHandler<Result<Inbound, ProtocolError>> for WsSession {
+    fn handle(&mut self, item: Result<Inbound, ProtocolError>, ctx: &mut Context<Self>) {
+        use Inbound as M;
         self.last_heard = Instant::now();
         if matches!(item, Ok(M::Text(_) | M::Binary(_))) && !self.within_budget(ctx) {
             return;
@@ -467,11 +487,14 @@ impl StreamHandler<Result<actix_ws::AggregatedMessage, ProtocolError>> for WsSes
                 ctx.stop();
             }
             Err(e) => {
-                let (code, message) = match e {
+                let (code, message) = match &e {
                     ProtocolError::Overflow => (
                         "frame_too_large",
                         "the frame is larger than the server accepts",
                     ),
+                    ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                        ("invalid_utf8", "a text frame was not valid UTF-8")
+                    }
                     _ => ("protocol_error", "the WebSocket stream is broken"),
                 };
                 log::info!("connection {}: {e}", self.id);
@@ -497,87 +520,6 @@ impl Handler<Kick> for WsSession {
     fn handle(&mut self, msg: Kick, ctx: &mut Context<Self>) {
         self.close_with(msg, ctx);
     }
-}
-
-/// Drains the outbound queue into the socket. When `killed` fires, it stops at once, says why
-/// in an `error` frame and a close frame (giving up after a grace period if the client is not
-/// reading), and ends.
-async fn write_loop(
-    mut socket: actix_ws::Session,
-    mut rx: mpsc::Receiver<Out>,
-    mut killed: oneshot::Receiver<Kick>,
-) {
-    loop {
-        let out = tokio::select! {
-            biased;
-            kick = &mut killed => {
-                if let Ok(kick) = kick {
-                    say_goodbye(socket, kick).await;
-                } else {
-                    let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
-                }
-                return;
-            }
-            out = rx.recv() => out,
-        };
-        let out = match out {
-            None => {
-                let _ = tokio::time::timeout(CLOSE_GRACE, socket.close(None)).await;
-                return;
-            }
-            Some(Out::Close(kick)) => return say_goodbye(socket, kick).await,
-            Some(out) => out,
-        };
-        let sent = tokio::select! {
-            biased;
-            kick = &mut killed => {
-                if let Ok(kick) = kick {
-                    say_goodbye(socket, kick).await;
-                }
-                return;
-            }
-            sent = write_one(&mut socket, out) => sent,
-        };
-        if sent.is_err() {
-            return; // the socket is gone; the actor sees the stream end
-        }
-    }
-}
-
-async fn write_one(socket: &mut actix_ws::Session, out: Out) -> Result<(), actix_ws::Closed> {
-    match out {
-        Out::Frame(text) => socket.text(text).await,
-        Out::Batch(texts) => {
-            for text in texts {
-                socket.text(text).await?;
-            }
-            Ok(())
-        }
-        Out::Ping => socket.ping(b"").await,
-        Out::Pong(bytes) => socket.pong(&bytes).await,
-        // Handled by the loop: it ends the connection.
-        Out::Close(_) => Ok(()),
-    }
-}
-
-async fn say_goodbye(mut socket: actix_ws::Session, kick: Kick) {
-    let frame = ServerFrame::error(kick.code, kick.message.clone()).to_text();
-    let code = match kick.code {
-        "frame_too_large" => CloseCode::Size,
-        "protocol_error" => CloseCode::Protocol,
-        "shutdown" => CloseCode::Restart,
-        _ => CloseCode::Policy,
-    };
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        let _ = socket.text(frame).await;
-        let _ = socket
-            .close(Some(CloseReason {
-                code,
-                description: Some(kick.code.to_string()),
-            }))
-            .await;
-    })
-    .await;
 }
 
 /// Whether a caller may reach a conversation.
