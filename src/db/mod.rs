@@ -122,9 +122,12 @@ impl ConnectionManager {
                 let mut conn = SqliteConnection::establish(&self.url.target)?;
                 // busy_timeout first: switching to WAL takes a lock that connections opened
                 // at the same moment must wait for rather than fail on.
+                // A page cache of up to 32 MiB (SQLite's default is 2 MiB): the message
+                // indexes are keyed by conversation, so each write lands on its own pages.
                 conn.batch_execute(&format!(
                     "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
-                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+                     PRAGMA cache_size = -32768;",
                     self.busy_timeout.as_millis()
                 ))
                 .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;

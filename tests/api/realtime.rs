@@ -1107,3 +1107,55 @@ async fn a_store_that_fails_is_reported_to_the_sender_and_nothing_is_acked() {
     assert_eq!(ack["seq"], 3, "{ack}");
     assert_eq!(ack["duplicate"], false, "{ack}");
 }
+
+/// The committer keeps its connection between batches; when PostgreSQL drops it, the next
+/// batch fails (the sender is told, nothing is acked) and the one after runs on a new one.
+#[tokio::test]
+async fn the_store_recovers_when_postgresql_drops_its_connections() {
+    let app = spawn_app().await;
+    let Some(name) = app.pg_database.clone() else {
+        eprintln!("SQLite: no server to drop the connections; skipped");
+        return;
+    };
+    let (_, _, sid) = customer_with_session(&app).await;
+    // An agent writes: no AI answer is started to store alongside.
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut ws = WsClient::staff(&app, &agent.access_token).await;
+    ws.resume(&sid, 0).await;
+    ws.next_of("resumed").await;
+    ws.send_message(&sid, "before", "stored on the first connection")
+        .await;
+    assert_eq!(ws.next_of("ack").await["seq"], 1);
+
+    let server = crate::helpers::postgres_url().expect("a PostgreSQL test run");
+    let mut admin = crate::helpers::connect(&server);
+    use diesel::RunQueryDsl;
+    let killed = diesel::sql_query(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    ))
+    .execute(&mut admin)
+    .expect("terminating the server's connections");
+    assert!(killed > 0, "the server had no connection to drop");
+
+    // Resent with the same client id until acked, as a client does after `store_failed`.
+    let mut refusals = 0;
+    let ack = loop {
+        ws.send_message(&sid, "after", "stored on a new connection")
+            .await;
+        let frames = ws
+            .until(|f| f["type"] == "ack" || f["type"] == "error")
+            .await;
+        let last = frames.last().unwrap().clone();
+        if last["type"] == "ack" {
+            break last;
+        }
+        assert_eq!(last["code"], "store_failed", "{last}");
+        refusals += 1;
+        assert!(refusals < 5, "the store did not recover: {frames:?}");
+    };
+    eprintln!("the store refused {refusals} time(s) before it recovered");
+    assert_eq!(ack["seq"], 2, "{ack}");
+    assert_eq!(ack["duplicate"], false, "{ack}");
+    assert_eq!(app.message_count(&sid).await, 2);
+}

@@ -16,7 +16,6 @@ use actix::prelude::*;
 use super::Db;
 use crate::actors::session_manager::messages::{AppendFailure, Committed, Origin};
 use crate::db::models::{message, NewMessage};
-use crate::db::Backend;
 
 /// Store one message.
 #[derive(Message)]
@@ -47,12 +46,9 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// SQLite has one writer, so one lane; PostgreSQL gets a lane per two pooled connections.
+    /// One lane per writer of `db`: one for SQLite, a few for PostgreSQL.
     pub fn new(db: Db, batch_max: usize, notify: Recipient<Committed>) -> Committer {
-        let lanes = match db.backend() {
-            Backend::Sqlite => 1,
-            Backend::Postgres => (db.pool_state().1 as usize / 2).clamp(1, 8),
-        };
+        let lanes = db.writer_lanes();
         Committer {
             db,
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
@@ -82,7 +78,7 @@ impl Committer {
         actix::spawn(async move {
             let count = messages.len();
             let outcomes = match db
-                .run(move |c| Ok(message::append_batch(c, &messages)?))
+                .write(lane, move |c| Ok(message::append_batch(c, &messages)?))
                 .await
             {
                 Ok(outcomes) => outcomes

@@ -2,6 +2,10 @@
 //!
 //! Runs on a `SyncArbiter` with one thread per pooled connection (`DB_MAX_OPEN_CONNS`), because
 //! Diesel blocks. It owns the pool; everything else holds a [`Db`] handle and sends it work.
+//! Group commit has writers of its own: one thread per committer lane, each keeping one pooled
+//! connection between batches (where the pool has as many again for reads), so that the connection that wrote last writes next (SQLite
+//! drops a connection's page cache whenever another connection has written since its last
+//! transaction) and PostgreSQL keeps its prepared statements.
 //! A panic inside a unit of work is caught here: the caller gets `DbError::Panicked`, the thread
 //! lives on, and the connection (left inside a broken transaction) is discarded by the pool.
 
@@ -9,16 +13,21 @@ pub mod committer;
 pub mod messages;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
 
 use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
 
 pub use messages::RunQuery;
 
-use crate::db::{Backend, DbConnection, DbPool};
+use crate::db::{Backend, DbConnection, DbPool, PooledConn};
 use crate::error::ApiError;
 
 pub struct Persistence {
     pool: DbPool,
+    /// Keep the connection between units of work (a committer's writer).
+    keep: bool,
+    /// The connection kept since the last unit of work that succeeded, and since when.
+    held: Option<(PooledConn, Instant)>,
 }
 
 impl Actor for Persistence {
@@ -29,9 +38,27 @@ impl<T: 'static> Handler<RunQuery<T>> for Persistence {
     type Result = Result<T, DbError>;
 
     fn handle(&mut self, msg: RunQuery<T>, _: &mut SyncContext<Self>) -> Self::Result {
-        let mut conn = self.pool.get().map_err(|e| DbError::Pool(e.to_string()))?;
+        let (mut conn, since) = match self.held.take() {
+            Some(held) => held,
+            None => (
+                self.pool.get().map_err(|e| DbError::Pool(e.to_string()))?,
+                Instant::now(),
+            ),
+        };
         match catch_unwind(AssertUnwindSafe(|| (msg.0)(&mut conn))) {
-            Ok(result) => result,
+            // A unit of work that failed gives its connection back: the pool checks it before
+            // handing it out again, so a connection the server dropped is not kept. So does one
+            // past the pool's lifetime (`DB_CONN_MAX_LIFETIME`), for the pool to retire.
+            Ok(result) => {
+                let young = self
+                    .pool
+                    .max_lifetime()
+                    .is_none_or(|lifetime| since.elapsed() < lifetime);
+                if self.keep && result.is_ok() && young {
+                    self.held = Some((conn, since));
+                }
+                result
+            }
             Err(panic) => {
                 log::error!("a database task panicked: {}", panic_message(&panic));
                 // Whatever the task left open must not reach the next user of this connection.
@@ -81,20 +108,38 @@ impl From<DbError> for ApiError {
 #[derive(Clone)]
 pub struct Db {
     addr: Addr<Persistence>,
+    /// One single-thread writer per committer lane.
+    writers: Vec<Addr<Persistence>>,
     backend: Backend,
     pool: DbPool,
 }
 
 impl Db {
-    /// Starts the actor's threads. Must run inside an actix `System`.
+    /// Starts the actor's threads and the writers'. Must run inside an actix `System`.
     pub fn start(pool: DbPool, backend: Backend) -> Db {
         let threads = pool.max_size() as usize;
-        let for_actor = pool.clone();
-        let addr = SyncArbiter::start(threads, move || Persistence {
-            pool: for_actor.clone(),
-        });
+        let start = |threads: usize, keep: bool| {
+            let pool = pool.clone();
+            SyncArbiter::start(threads, move || Persistence {
+                pool: pool.clone(),
+                keep,
+                held: None,
+            })
+        };
+        let addr = start(threads, false);
+        // SQLite has one writer at a time; PostgreSQL gets a lane per two pooled connections,
+        // leaving the other half to reads.
+        let lanes = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => (pool.max_size() as usize / 2).clamp(1, 8),
+        };
+        // A writer keeps its connection only where the pool has as many again for everything
+        // else: with one connection in all, a writer holding it would starve every read.
+        let keep = pool.max_size() as usize >= 2 * lanes;
+        let writers = (0..lanes).map(|_| start(1, keep)).collect();
         Db {
             addr,
+            writers,
             backend,
             pool,
         }
@@ -110,14 +155,35 @@ impl Db {
         (state.connections, self.pool.max_size())
     }
 
+    /// How many writers there are for [`Db::write`]: the committer's lanes.
+    pub fn writer_lanes(&self) -> usize {
+        self.writers.len()
+    }
+
     /// Runs `work` on a pooled connection in the persistence actor and waits for its result.
     pub async fn run<T, F>(&self, work: F) -> Result<T, DbError>
     where
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
     {
-        self.addr
-            .send(RunQuery(Box::new(work)))
+        Self::send(&self.addr, work).await
+    }
+
+    /// Runs `work` on writer `lane` (modulo the number of writers), which keeps its connection.
+    pub async fn write<T, F>(&self, lane: usize, work: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+    {
+        Self::send(&self.writers[lane % self.writers.len()], work).await
+    }
+
+    async fn send<T, F>(to: &Addr<Persistence>, work: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+    {
+        to.send(RunQuery(Box::new(work)))
             .await
             .map_err(|_| DbError::Gone)?
     }

@@ -131,19 +131,29 @@ pub fn append_batch(
         let mut ids: Vec<&str> = batch.iter().map(|m| m.session_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        // Write first: on SQLite this takes the write lock at the start of the transaction,
-        // so a reader cannot be refused the upgrade half-way.
-        diesel::update(chat_sessions::table.filter(chat_sessions::id.eq_any(&ids)))
-            .set(chat_sessions::updated_at.eq(now))
-            .execute(conn)?;
-        let sessions: HashMap<String, (String, i64)> = chat_sessions::table
-            .filter(chat_sessions::id.eq_any(&ids))
-            .select((
-                chat_sessions::id,
-                chat_sessions::status,
-                chat_sessions::last_seq,
-            ))
-            .load::<(String, String, i64)>(conn)?
+        // The conversations' rows first, locked: PostgreSQL holds them FOR UPDATE until the
+        // commit; on SQLite an UPDATE that changes nothing takes the write lock at the start
+        // of the transaction, so a reader cannot be refused the upgrade half-way. Each row is
+        // written once, at the end, and only where a message was stored.
+        let columns = (
+            chat_sessions::id,
+            chat_sessions::status,
+            chat_sessions::last_seq,
+        );
+        let rows: Vec<(String, String, i64)> = match conn {
+            DbConnection::Pg(pg) => chat_sessions::table
+                .filter(chat_sessions::id.eq_any(&ids))
+                .select(columns)
+                .for_update()
+                .load(pg)?,
+            DbConnection::Sqlite(sqlite) => {
+                diesel::update(chat_sessions::table.filter(chat_sessions::id.eq_any(&ids)))
+                    .set(chat_sessions::updated_at.eq(chat_sessions::updated_at))
+                    .returning(columns)
+                    .get_results(sqlite)?
+            }
+        };
+        let sessions: HashMap<String, (String, i64)> = rows
             .into_iter()
             .map(|(id, status, seq)| (id, (status, seq)))
             .collect();
@@ -249,19 +259,23 @@ pub fn append_batch(
                 let (ids, seqs): (Vec<&str>, Vec<i64>) = next.into_iter().unzip();
                 if !ids.is_empty() {
                     diesel::sql_query(
-                        "UPDATE chat_sessions SET last_seq = v.seq \
+                        "UPDATE chat_sessions SET last_seq = v.seq, updated_at = $3 \
                          FROM unnest($1::text[], $2::bigint[]) AS v(id, seq) \
                          WHERE chat_sessions.id = v.id",
                     )
                     .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
                     .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(seqs)
+                    .bind::<diesel::sql_types::Timestamp, _>(now)
                     .execute(pg)?;
                 }
             }
             DbConnection::Sqlite(sqlite) => {
                 for (id, seq) in next {
                     diesel::update(chat_sessions::table.find(id))
-                        .set(chat_sessions::last_seq.eq(seq))
+                        .set((
+                            chat_sessions::last_seq.eq(seq),
+                            chat_sessions::updated_at.eq(now),
+                        ))
                         .execute(sqlite)?;
                 }
             }
