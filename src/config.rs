@@ -137,6 +137,9 @@ pub struct DatabaseSettings {
     pub busy_timeout: HumanDuration,
     /// Most messages stored in one transaction (group commit); 1 turns grouping off.
     pub group_commit_max: usize,
+    /// PostgreSQL only: transactions of group commit run at once (`DB_WRITE_LANES`); 0 picks
+    /// the number of CPU cores, at most half of `max_open_conns` and at most 8. SQLite has one.
+    pub write_lanes: usize,
 }
 
 impl Default for DatabaseSettings {
@@ -149,6 +152,7 @@ impl Default for DatabaseSettings {
             acquire_timeout: HumanDuration::from_secs(5),
             busy_timeout: HumanDuration::from_secs(5),
             group_commit_max: 256,
+            write_lanes: 0,
         }
     }
 }
@@ -241,7 +245,8 @@ pub struct RealtimeSettings {
     pub client_timeout: HumanDuration,
     /// Frames waiting to be written to one socket; a client further behind is disconnected.
     pub outbound_queue: usize,
-    /// Largest WebSocket frame accepted, in bytes; a larger one closes the socket (1009).
+    /// Largest WebSocket message accepted, in bytes, one frame or fragments joined; a larger
+    /// one closes the socket (1009).
     pub max_frame_bytes: usize,
     /// Stored messages per replay page after `resume` (pages follow one another).
     pub resume_max: i64,
@@ -455,6 +460,7 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
         "database.group_commit_max",
         Kind::Int,
     ),
+    ("DB_WRITE_LANES", "database.write_lanes", Kind::Int),
     (
         "WS_HEARTBEAT_INTERVAL",
         "realtime.heartbeat_interval",
