@@ -173,6 +173,16 @@ impl Raw {
     }
 }
 
+/// Opens a socket, writes `bytes` on it, and checks the `error` code and the close code that
+/// end the connection.
+async fn ends_with(app: &TestApp, token: &str, bytes: &[u8], code: &str, close: u16) {
+    let mut raw = Raw::open(app, token).await;
+    raw.write(bytes).await;
+    let error = raw.next_json().await;
+    assert_eq!(error["code"], code, "{error}");
+    assert_eq!(raw.frame().await.expect("a close").close_code(), close);
+}
+
 #[tokio::test]
 async fn frames_sent_with_the_upgrade_request_are_read() {
     let app = spawn_app().await;
@@ -249,36 +259,35 @@ async fn a_message_over_the_limit_closes_with_1009_even_in_fragments() {
     let app = spawn_app_with(|s| s.realtime.max_frame_bytes = 1024).await;
     let guest = app.guest().await;
 
+    let token = &guest.access_token;
     // One frame over the limit.
-    let mut raw = Raw::open(&app, &guest.access_token).await;
-    raw.write(&frame(OP_TEXT, true, &[b'a'; 1025])).await;
-    assert_eq!(raw.next_json().await["code"], "frame_too_large");
-    assert_eq!(raw.frame().await.expect("a close").close_code(), 1009);
+    let one = frame(OP_TEXT, true, &[b'a'; 1025]);
+    ends_with(&app, token, &one, "frame_too_large", 1009).await;
 
     // Fragments each under the limit, together over it.
-    let mut raw = Raw::open(&app, &guest.access_token).await;
-    let mut bytes = frame(OP_TEXT, false, &[b'a'; 600]);
-    bytes.extend(frame(OP_CONTINUATION, true, &[b'a'; 600]));
-    raw.write(&bytes).await;
-    assert_eq!(raw.next_json().await["code"], "frame_too_large");
-    assert_eq!(raw.frame().await.expect("a close").close_code(), 1009);
+    let mut pieces = frame(OP_TEXT, false, &[b'a'; 600]);
+    pieces.extend(frame(OP_CONTINUATION, true, &[b'a'; 600]));
+    ends_with(&app, token, &pieces, "frame_too_large", 1009).await;
 }
 
 #[tokio::test]
 async fn broken_framing_closes_with_1002() {
     let app = spawn_app().await;
     let guest = app.guest().await;
+    let token = &guest.access_token;
     // A continuation with no message begun.
-    let mut raw = Raw::open(&app, &guest.access_token).await;
-    raw.write(&frame(OP_CONTINUATION, true, b"orphan")).await;
-    assert_eq!(raw.next_json().await["code"], "protocol_error");
-    assert_eq!(raw.frame().await.expect("a close").close_code(), 1002);
+    let orphan = frame(OP_CONTINUATION, true, b"orphan");
+    ends_with(&app, token, &orphan, "protocol_error", 1002).await;
 
     // An unmasked client frame.
-    let mut raw = Raw::open(&app, &guest.access_token).await;
-    raw.write(&[0x81, 0x02, b'h', b'i']).await;
-    assert_eq!(raw.next_json().await["code"], "protocol_error");
-    assert_eq!(raw.frame().await.expect("a close").close_code(), 1002);
+    ends_with(
+        &app,
+        token,
+        &[0x81, 0x02, b'h', b'i'],
+        "protocol_error",
+        1002,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -3,9 +3,10 @@
 //! Runs on a `SyncArbiter` with one thread per pooled connection (`DB_MAX_OPEN_CONNS`), because
 //! Diesel blocks. It owns the pool; everything else holds a [`Db`] handle and sends it work.
 //! Group commit has writers of its own: one thread per committer lane, each keeping one pooled
-//! connection between batches (where the pool has as many again for reads), so that the connection that wrote last writes next (SQLite
-//! drops a connection's page cache whenever another connection has written since its last
-//! transaction) and PostgreSQL keeps its prepared statements.
+//! connection between batches (where the pool has as many again for reads), so that the
+//! connection that wrote last writes next (SQLite drops a connection's page cache whenever
+//! another connection has written since its last transaction) and PostgreSQL keeps its
+//! prepared statements.
 //! A panic inside a unit of work is caught here: the caller gets `DbError::Panicked`, the thread
 //! lives on, and the connection (left inside a broken transaction) is discarded by the pool.
 

@@ -97,24 +97,19 @@ impl FrameReader {
     /// Adds a continuation frame; returns the message once its last frame is in. The codec
     /// checks that first, middle and last frames come in order.
     fn join(&mut self, item: Item) -> Result<Option<Inbound>, ProtocolError> {
-        let (bytes, last) = match item {
-            Item::FirstText(bytes) => {
-                self.partial = Some(Partial {
-                    text: true,
-                    bytes: BytesMut::new(),
-                });
-                (bytes, false)
-            }
-            Item::FirstBinary(bytes) => {
-                self.partial = Some(Partial {
-                    text: false,
-                    bytes: BytesMut::new(),
-                });
-                (bytes, false)
-            }
-            Item::Continue(bytes) => (bytes, false),
-            Item::Last(bytes) => (bytes, true),
+        // (begins a message as text or binary, the piece, ends it)
+        let (begins, bytes, last) = match item {
+            Item::FirstText(bytes) => (Some(true), bytes, false),
+            Item::FirstBinary(bytes) => (Some(false), bytes, false),
+            Item::Continue(bytes) => (None, bytes, false),
+            Item::Last(bytes) => (None, bytes, true),
         };
+        if let Some(text) = begins {
+            self.partial = Some(Partial {
+                text,
+                bytes: BytesMut::new(),
+            });
+        }
         let Some(partial) = self.partial.as_mut() else {
             return Err(ProtocolError::ContinuationNotStarted);
         };
@@ -125,10 +120,9 @@ impl FrameReader {
         if !last {
             return Ok(None);
         }
-        let Some(Partial { text, bytes }) = self.partial.take() else {
-            return Ok(None);
-        };
-        let bytes = bytes.freeze();
+        let text = partial.text;
+        let bytes = std::mem::take(&mut partial.bytes).freeze();
+        self.partial = None;
         Ok(Some(if text {
             Inbound::Text(utf8(bytes)?)
         } else {
@@ -186,14 +180,13 @@ pub async fn write_loop(
 ) {
     let mut codec = Codec::new();
     loop {
-        let first = tokio::select! {
+        let mut next = tokio::select! {
             biased;
             kick = &mut killed => return goodbye(socket, &mut codec, kick.ok()).await,
             out = rx.recv() => out,
         };
         let mut buf = BytesMut::new();
         let mut closing = None;
-        let mut next = first;
         // Everything already queued goes out in one write.
         loop {
             match next {
