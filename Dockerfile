@@ -13,8 +13,9 @@ RUN apt-get update \
 WORKDIR /src
 
 # Dependencies first, against placeholder sources, so that this layer is rebuilt only when
-# Cargo.toml or Cargo.lock change.
+# Cargo.toml or Cargo.lock change. .cargo/config.toml sets how the bundled SQLite is built.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

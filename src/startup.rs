@@ -255,5 +255,5 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Db> {
         settings.database.max_open_conns,
         settings.database.max_idle_conns
     );
-    Ok(Db::start(pool, backend, settings.database.write_lanes))
+    Db::start(pool, backend, settings.database.write_lanes).context("starting the database threads")
 }

@@ -5,8 +5,11 @@
 //! [`DbConnection`] in this module and in `models/`, so a reader finds it in one place.
 //! Queries run only inside the persistence actor (`crate::actors::persistence`).
 
+mod checkpoint;
 pub mod models;
 pub mod schema;
+
+pub use checkpoint::{Checkpointer, WAL_LONG_PAGES};
 
 use std::path::Path;
 use std::time::Duration;
@@ -124,11 +127,14 @@ impl ConnectionManager {
                 // at the same moment must wait for rather than fail on.
                 // A page cache of up to 32 MiB (SQLite's default is 2 MiB): the message
                 // indexes are keyed by conversation, so each write lands on its own pages.
+                // No checkpoint inside a commit: [`Checkpointer`] does them on its own thread.
                 conn.batch_execute(&format!(
                     "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
                      PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-                     PRAGMA cache_size = -32768;",
-                    self.busy_timeout.as_millis()
+                     PRAGMA cache_size = -32768; PRAGMA wal_autocheckpoint = 0; \
+                     PRAGMA journal_size_limit = {};",
+                    self.busy_timeout.as_millis(),
+                    checkpoint::WAL_LONG_PAGES * 4096
                 ))
                 .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
                 Ok(DbConnection::Sqlite(conn))

@@ -14,13 +14,14 @@ pub mod committer;
 pub mod messages;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
 
 pub use messages::RunQuery;
 
-use crate::db::{Backend, DbConnection, DbPool, PooledConn};
+use crate::db::{Backend, Checkpointer, DbConnection, DbPool, PooledConn, WAL_LONG_PAGES};
 use crate::error::ApiError;
 
 pub struct Persistence {
@@ -29,6 +30,8 @@ pub struct Persistence {
     keep: bool,
     /// The connection kept since the last unit of work that succeeded, and since when.
     held: Option<(PooledConn, Instant)>,
+    /// A writer on SQLite: the checkpointer it finishes a long WAL for.
+    checkpointer: Option<Arc<Checkpointer>>,
 }
 
 impl Actor for Persistence {
@@ -51,6 +54,9 @@ impl<T: 'static> Handler<RunQuery<T>> for Persistence {
             // handing it out again, so a connection the server dropped is not kept. So does one
             // past the pool's lifetime (`DB_CONN_MAX_LIFETIME`), for the pool to retire.
             Ok(result) => {
+                if let (Some(checkpointer), Ok(_)) = (&self.checkpointer, &result) {
+                    checkpointer.after_write(&mut conn);
+                }
                 let young = self
                     .pool
                     .max_lifetime()
@@ -117,18 +123,24 @@ pub struct Db {
 
 impl Db {
     /// Starts the actor's threads and the writers' (`write_lanes` of them on PostgreSQL; 0
-    /// picks a number, see [`write_lanes`]). Must run inside an actix `System`.
-    pub fn start(pool: DbPool, backend: Backend, write_lanes: usize) -> Db {
+    /// picks a number, see [`write_lanes`]), and on SQLite the [`Checkpointer`]. Must run
+    /// inside an actix `System`.
+    pub fn start(pool: DbPool, backend: Backend, write_lanes: usize) -> std::io::Result<Db> {
         let threads = pool.max_size() as usize;
-        let start = |threads: usize, keep: bool| {
+        let checkpointer = match backend {
+            Backend::Sqlite => Some(Arc::new(Checkpointer::start(pool.clone(), WAL_LONG_PAGES)?)),
+            Backend::Postgres => None,
+        };
+        let start = |threads: usize, keep: bool, checkpointer: Option<Arc<Checkpointer>>| {
             let pool = pool.clone();
             SyncArbiter::start(threads, move || Persistence {
                 pool: pool.clone(),
                 keep,
                 held: None,
+                checkpointer: checkpointer.clone(),
             })
         };
-        let addr = start(threads, false);
+        let addr = start(threads, false, None);
         let lanes = match backend {
             Backend::Sqlite => 1,
             Backend::Postgres => self::write_lanes(write_lanes, pool.max_size() as usize),
@@ -136,13 +148,15 @@ impl Db {
         // A writer keeps its connection only where the pool has as many again for everything
         // else: with one connection in all, a writer holding it would starve every read.
         let keep = pool.max_size() as usize >= 2 * lanes;
-        let writers = (0..lanes).map(|_| start(1, keep)).collect();
-        Db {
+        let writers = (0..lanes)
+            .map(|_| start(1, keep, checkpointer.clone()))
+            .collect();
+        Ok(Db {
             addr,
             writers,
             backend,
             pool,
-        }
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -241,7 +255,7 @@ mod tests {
             ..DatabaseSettings::default()
         };
         let (pool, backend) = build_pool(&settings).unwrap();
-        let db = Db::start(pool, backend, 0);
+        let db = Db::start(pool, backend, 0).unwrap();
         db.run(|c| Ok(run_migrations(c))).await.unwrap().unwrap();
 
         let result: Result<(), DbError> = db
