@@ -10,10 +10,12 @@
 //! A WAL starts over from its beginning only when a write transaction begins while it is
 //! copied to its end, which a writer that never pauses does not allow. So once the WAL is
 //! [`WAL_LONG_PAGES`] long, the writer copies what is left of it itself after its next commit
-//! ([`Checkpointer::after_write`]), and its next transaction starts the WAL over. That costs
-//! the writer a copy of the last [`CHECKPOINT_EVERY`] or so and two `fsync`s, about once a
-//! second at 5,000 messages/s. (A `RESTART` checkpoint from this thread would hold the writer
-//! for as long, and then the writer waits out the lock in steps of 1, 2, 5, 10… ms.)
+//! ([`Checkpointer::after_write`]), and its next transaction starts the WAL over. That holds
+//! the writer for the copy and two `fsync`s, 15–45 ms measured under load, once per
+//! [`WAL_LONG_PAGES`] written: every few seconds at 5,000 messages/s. (At 64 MiB it was about
+//! every second, and at 1,000 messages/s it set p99: 37–44 ms against 6–7 ms at 256 MiB.) A
+//! `RESTART` checkpoint from this thread would hold the writer as long, and the writer then
+//! waits out the lock in steps of 1, 2, 5, 10… ms.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
@@ -27,9 +29,9 @@ use super::{DbConnection, DbPool};
 /// How often the WAL is copied into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
-/// A WAL this long (in pages, 64 MiB) is started over at the writer's next commit; the file is
-/// cut back to this size when it is.
-pub const WAL_LONG_PAGES: i64 = 16_384;
+/// A WAL this long (in pages, 256 MiB) is started over at the writer's next commit; the file
+/// is cut back to this size when it is.
+pub const WAL_LONG_PAGES: i64 = 65_536;
 
 /// Checkpoints SQLite's WAL on a thread of its own, for as long as it is kept (see the module).
 pub struct Checkpointer {
