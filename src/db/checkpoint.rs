@@ -9,8 +9,8 @@
 //!
 //! A WAL starts over from its beginning only when a write transaction begins while it is
 //! copied to its end, which a writer that never pauses does not allow. So once the WAL is
-//! [`WAL_LONG_PAGES`] long, the writer copies what is left of it itself after its next commit
-//! ([`Checkpointer::after_write`]), and its next transaction starts the WAL over. That holds
+//! [`WAL_LONG_PAGES`] long, the writer copies what is left of it itself between two units of
+//! work ([`Checkpointer::finish_long_wal`]), and its next transaction starts the WAL over. That holds
 //! the writer for the copy and two `fsync`s, 15–45 ms measured under load, once per
 //! [`WAL_LONG_PAGES`] written: every few seconds at 5,000 messages/s. (At 64 MiB it was about
 //! every second, and at 1,000 messages/s it set p99: 37–44 ms against 6–7 ms at 256 MiB.) A
@@ -75,9 +75,14 @@ impl Checkpointer {
         })
     }
 
-    /// Run by a writer after each unit of work that succeeded, on its connection: where the WAL
-    /// is long, copies the rest of it, so that the next transaction starts it over.
-    pub fn after_write(&self, conn: &mut DbConnection) {
+    /// Whether the writer is to finish the WAL ([`Checkpointer::finish_long_wal`]).
+    pub fn wal_is_long(&self) -> bool {
+        self.wal_long.load(Ordering::Relaxed)
+    }
+
+    /// Run by the writer between units of work, on its connection: where the WAL is long, copies
+    /// the rest of it, so that the next transaction starts it over.
+    pub fn finish_long_wal(&self, conn: &mut DbConnection) {
         if self.wal_long.swap(false, Ordering::Relaxed) {
             if let Err(e) = checkpoint(conn) {
                 log::warn!("checkpointing the SQLite WAL failed: {e}");
@@ -140,7 +145,7 @@ mod tests {
             ))
             .unwrap();
             commits += 1;
-            checkpointer.after_write(&mut conn);
+            checkpointer.finish_long_wal(&mut conn);
         }
 
         // Every commit appends at least one page. The WAL is started over after the check that

@@ -88,6 +88,8 @@ async fn run(
     }
     let limit = page_limit(query.limit, &state.settings)?;
     let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    // What was acknowledged before the search is found by it.
+    state.db.index_for_search().await?;
     let hits: Vec<Hit> = state
         .db
         .run(move |c| Ok(search::search(c, &text, owner.as_deref(), after, limit)?))

@@ -7,6 +7,8 @@
 //! connection that wrote last writes next (SQLite drops a connection's page cache whenever
 //! another connection has written since its last transaction) and PostgreSQL keeps its
 //! prepared statements.
+//! A SQLite writer also keeps the store in shape between units of work ([`Upkeep`]): it indexes
+//! new messages for search in batches and starts a long WAL over.
 //! A panic inside a unit of work is caught here: the caller gets `DbError::Panicked`, the thread
 //! lives on, and the connection (left inside a broken transaction) is discarded by the pool.
 
@@ -15,12 +17,13 @@ pub mod messages;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
+use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 
 pub use messages::RunQuery;
 
+use crate::db::models::search;
 use crate::db::{Backend, Checkpointer, DbConnection, DbPool, PooledConn, WAL_LONG_PAGES};
 use crate::error::ApiError;
 
@@ -30,8 +33,129 @@ pub struct Persistence {
     keep: bool,
     /// The connection kept since the last unit of work that succeeded, and since when.
     held: Option<(PooledConn, Instant)>,
-    /// A writer on SQLite: the checkpointer it finishes a long WAL for.
-    checkpointer: Option<Arc<Checkpointer>>,
+    /// A writer on SQLite: what it does between units of work.
+    upkeep: Option<Upkeep>,
+}
+
+/// How often a SQLite writer adds new messages to the full-text index: each time, one
+/// transaction of up to [`INDEX_BATCH_MAX`] messages, so at 5,000 messages a second about 250.
+const INDEX_EVERY: Duration = Duration::from_millis(50);
+/// The most messages indexed in one transaction; a backlog (after a restart, or while messages
+/// come faster than this) is indexed a batch at a time between group commits.
+pub const INDEX_BATCH_MAX: i64 = 500;
+
+/// What a SQLite writer does between units of work, after one that succeeded, when due: adds the
+/// messages stored since the last time to the full-text index ([`INDEX_EVERY`]), and where the
+/// checkpointer found the WAL long, copies the rest of it so that the next transaction starts it
+/// over. It runs as a message the writer sends itself, so that the unit of work that made it due
+/// is answered first (a batch's acks do not wait for it), and the next group commit waits for it
+/// at most once.
+struct Upkeep {
+    checkpointer: Arc<Checkpointer>,
+    /// When the full-text index was last brought up to date.
+    indexed_at: Instant,
+    /// A [`DoUpkeep`] is in the writer's mailbox.
+    queued: bool,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct DoUpkeep;
+
+impl Persistence {
+    /// The connection kept from the last unit of work, else one from the pool.
+    fn connection(&mut self) -> Result<(PooledConn, Instant), DbError> {
+        match self.held.take() {
+            Some(held) => Ok(held),
+            None => Ok((
+                self.pool.get().map_err(|e| DbError::Pool(e.to_string()))?,
+                Instant::now(),
+            )),
+        }
+    }
+
+    /// Keeps the connection for the next unit of work where this actor keeps one, the work
+    /// succeeded and the connection is younger than the pool's lifetime (`DB_CONN_MAX_LIFETIME`);
+    /// else it goes back to the pool, which checks a connection before handing it out again, so
+    /// that one the server dropped is not kept, and retires one past its lifetime.
+    fn give_back(&mut self, conn: PooledConn, since: Instant, succeeded: bool) {
+        let young = self
+            .pool
+            .max_lifetime()
+            .is_none_or(|lifetime| since.elapsed() < lifetime);
+        if self.keep && succeeded && young {
+            self.held = Some((conn, since));
+        }
+    }
+
+    fn schedule_upkeep(&mut self, ctx: &SyncContext<Self>) {
+        let Some(upkeep) = &mut self.upkeep else {
+            return;
+        };
+        if !upkeep.queued
+            && (upkeep.indexed_at.elapsed() >= INDEX_EVERY || upkeep.checkpointer.wal_is_long())
+        {
+            upkeep.queued = true;
+            ctx.address().do_send(DoUpkeep);
+        }
+    }
+}
+
+impl Handler<DoUpkeep> for Persistence {
+    type Result = ();
+
+    fn handle(&mut self, _: DoUpkeep, ctx: &mut SyncContext<Self>) {
+        let (mut conn, since) = match self.connection() {
+            Ok(conn) => conn,
+            Err(e) => {
+                log::warn!("indexing new messages for search waits: {e}");
+                if let Some(upkeep) = &mut self.upkeep {
+                    upkeep.queued = false;
+                }
+                return;
+            }
+        };
+        let Some(upkeep) = &mut self.upkeep else {
+            return;
+        };
+        upkeep.queued = false;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            upkeep.checkpointer.finish_long_wal(&mut conn);
+            if upkeep.indexed_at.elapsed() < INDEX_EVERY {
+                return Ok(None);
+            }
+            search::index_pending(&mut conn, INDEX_BATCH_MAX)
+                .map(|indexed| Some(indexed as i64 == INDEX_BATCH_MAX))
+        }));
+        let succeeded = match outcome {
+            Ok(Ok(None)) => true,
+            // A full batch: there may be more, indexed next, after the group commit waiting now.
+            Ok(Ok(Some(true))) => {
+                upkeep.queued = true;
+                ctx.address().do_send(DoUpkeep);
+                true
+            }
+            Ok(Ok(Some(false))) => {
+                upkeep.indexed_at = Instant::now();
+                true
+            }
+            // Tried again after INDEX_EVERY; a search indexes what is left before it runs.
+            Ok(Err(e)) => {
+                log::warn!("indexing new messages for search failed (tried again shortly): {e}");
+                upkeep.indexed_at = Instant::now();
+                false
+            }
+            Err(panic) => {
+                log::error!(
+                    "indexing new messages for search panicked: {}",
+                    panic_message(&panic)
+                );
+                upkeep.indexed_at = Instant::now();
+                return;
+            }
+        };
+        self.give_back(conn, since, succeeded);
+    }
 }
 
 impl Actor for Persistence {
@@ -41,28 +165,14 @@ impl Actor for Persistence {
 impl<T: 'static> Handler<RunQuery<T>> for Persistence {
     type Result = Result<T, DbError>;
 
-    fn handle(&mut self, msg: RunQuery<T>, _: &mut SyncContext<Self>) -> Self::Result {
-        let (mut conn, since) = match self.held.take() {
-            Some(held) => held,
-            None => (
-                self.pool.get().map_err(|e| DbError::Pool(e.to_string()))?,
-                Instant::now(),
-            ),
-        };
+    fn handle(&mut self, msg: RunQuery<T>, ctx: &mut SyncContext<Self>) -> Self::Result {
+        let (mut conn, since) = self.connection()?;
         match catch_unwind(AssertUnwindSafe(|| (msg.0)(&mut conn))) {
-            // A unit of work that failed gives its connection back: the pool checks it before
-            // handing it out again, so a connection the server dropped is not kept. So does one
-            // past the pool's lifetime (`DB_CONN_MAX_LIFETIME`), for the pool to retire.
+            // A unit of work that failed gives its connection back (see `give_back`).
             Ok(result) => {
-                if let (Some(checkpointer), Ok(_)) = (&self.checkpointer, &result) {
-                    checkpointer.after_write(&mut conn);
-                }
-                let young = self
-                    .pool
-                    .max_lifetime()
-                    .is_none_or(|lifetime| since.elapsed() < lifetime);
-                if self.keep && result.is_ok() && young {
-                    self.held = Some((conn, since));
+                self.give_back(conn, since, result.is_ok());
+                if result.is_ok() {
+                    self.schedule_upkeep(ctx);
                 }
                 result
             }
@@ -137,7 +247,11 @@ impl Db {
                 pool: pool.clone(),
                 keep,
                 held: None,
-                checkpointer: checkpointer.clone(),
+                upkeep: checkpointer.clone().map(|checkpointer| Upkeep {
+                    checkpointer,
+                    indexed_at: Instant::now(),
+                    queued: false,
+                }),
             })
         };
         let addr = start(threads, false, None);
@@ -172,6 +286,20 @@ impl Db {
     /// How many writers there are for [`Db::write`]: the committer's lanes.
     pub fn writer_lanes(&self) -> usize {
         self.writers.len()
+    }
+
+    /// Brings the full-text index up to date with every message stored so far, so that a search
+    /// that follows finds them (SQLite indexes in batches, see [`search::index_pending`]; on
+    /// PostgreSQL there is nothing to do).
+    pub async fn index_for_search(&self) -> Result<(), DbError> {
+        if self.backend != Backend::Sqlite {
+            return Ok(());
+        }
+        self.write(0, |c| {
+            while search::index_pending(c, INDEX_BATCH_MAX)? as i64 == INDEX_BATCH_MAX {}
+            Ok(())
+        })
+        .await
     }
 
     /// Runs `work` on a pooled connection in the persistence actor and waits for its result.
@@ -278,5 +406,118 @@ mod tests {
             .await
             .expect("the thread and a connection are still there");
         assert_eq!(users, 0, "the half-done transaction was not committed");
+    }
+
+    /// A Db on a new SQLite file with the migrations applied, one conversation in it, and
+    /// `write` adding messages to it by raw SQL (ids grow as they do for stored messages).
+    async fn sqlite_db(dir: &tempfile::TempDir) -> Db {
+        let settings = DatabaseSettings {
+            url: Secret::new(format!("sqlite://{}/t.db", dir.path().display())),
+            ..DatabaseSettings::default()
+        };
+        let (pool, backend) = build_pool(&settings).unwrap();
+        let db = Db::start(pool, backend, 0).unwrap();
+        db.run(|c| Ok(run_migrations(c))).await.unwrap().unwrap();
+        db.write(0, |c| {
+            use diesel::connection::SimpleConnection;
+            Ok(c.batch_execute(
+                "INSERT INTO users (id, email, role) VALUES ('u', 'u@x', 'customer');
+                 INSERT INTO chat_sessions (id, user_id) VALUES ('s', 'u');",
+            )?)
+        })
+        .await
+        .unwrap();
+        db
+    }
+
+    /// Stores `n` messages in one unit of work on the writer, as a group commit would; returns
+    /// how many messages a full-text search for `content` finds right after, in the same unit.
+    async fn store(db: &Db, n: usize, content: &'static str) -> i64 {
+        #[derive(diesel::QueryableByName)]
+        struct Found {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        db.write(0, move |c| {
+            use diesel::connection::SimpleConnection;
+            use diesel::RunQueryDsl;
+            c.batch_execute(&format!(
+                "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < {n})
+                 INSERT INTO chat_messages (session_id, seq, role, content)
+                 SELECT 's', (SELECT coalesce(max(seq), 0) FROM chat_messages) + i, 'user', '{content}'
+                 FROM k;"
+            ))?;
+            let found: Found = diesel::sql_query(format!(
+                "SELECT count(*) AS n FROM chat_messages_fts WHERE chat_messages_fts MATCH '\"{content}\"'"
+            ))
+            .get_result(c)?;
+            Ok(found.n)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// (messages found by a full-text search for `word`, the newest id indexed, the newest id).
+    async fn index_state(db: &Db, word: &'static str) -> (i64, i64, i64) {
+        #[derive(diesel::QueryableByName)]
+        struct State {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            found: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            indexed_to: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            newest: i64,
+        }
+        db.run(move |c| {
+            use diesel::RunQueryDsl;
+            let s: State = diesel::sql_query(format!(
+                "SELECT (SELECT count(*) FROM chat_messages_fts WHERE chat_messages_fts MATCH '{word}') AS found,
+                        (SELECT indexed_to FROM chat_messages_fts_progress) AS indexed_to,
+                        (SELECT coalesce(max(id), 0) FROM chat_messages) AS newest"
+            ))
+            .get_result(c)?;
+            Ok((s.found, s.indexed_to, s.newest))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Nobody searches: the writer indexes what was stored on its own, between its writes.
+    #[actix_rt::test]
+    async fn the_writer_indexes_new_messages_between_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite_db(&dir).await;
+        assert_eq!(
+            store(&db, 3, "zebra crossing").await,
+            0,
+            "indexing is not part of the write"
+        );
+        let started = Instant::now();
+        loop {
+            // A write after INDEX_EVERY makes the indexing due.
+            std::thread::sleep(INDEX_EVERY);
+            store(&db, 1, "walrus").await;
+            let (zebras, indexed_to, newest) = index_state(&db, "zebra").await;
+            if zebras == 3 && indexed_to == newest {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "after 5 s the index holds {zebras} of 3 and is at {indexed_to} of {newest}"
+            );
+        }
+    }
+
+    /// A search indexes everything stored before it first, however much that is.
+    #[actix_rt::test]
+    async fn indexing_for_a_search_takes_every_message_stored_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite_db(&dir).await;
+        let backlog = 3 * INDEX_BATCH_MAX as usize + 7;
+        store(&db, backlog, "zebra").await;
+        db.index_for_search().await.unwrap();
+        let (zebras, indexed_to, newest) = index_state(&db, "zebra").await;
+        assert_eq!(zebras, backlog as i64);
+        assert_eq!(indexed_to, newest);
     }
 }

@@ -1,7 +1,8 @@
 //! Full-text search of messages: the per-backend SQL, side by side.
 //!
-//! - SQLite: the FTS5 table `chat_messages_fts` (external content over `chat_messages`, kept
-//!   in step by triggers), ranked by `bm25`, snippets by `snippet()`.
+//! - SQLite: the FTS5 table `chat_messages_fts` (external content over `chat_messages`), ranked
+//!   by `bm25`, snippets by `snippet()`. New messages are indexed in batches after their commit
+//!   ([`index_pending`]), by the writer every few tens of milliseconds and by each search first.
 //! - PostgreSQL: the GIN expression index on `to_tsvector('english', content)`, ranked by
 //!   `ts_rank`, snippets by `ts_headline`.
 //!
@@ -104,6 +105,45 @@ FROM (
 ) AS r
 JOIN chat_messages m ON m.id = r.id
 ORDER BY r.rank DESC, r.id DESC";
+
+/// SQLite: adds to the full-text index up to `max` of the oldest messages not in it yet, in one
+/// transaction; returns how many. PostgreSQL indexes every message as it is stored: 0.
+///
+/// Indexing in the commit that stores a message wrote a new FTS5 segment and its bookkeeping
+/// pages in every transaction, about half of what each group commit wrote under load; in
+/// batches of tens of milliseconds they are written a few times a second.
+pub fn index_pending(conn: &mut DbConnection, max: i64) -> QueryResult<usize> {
+    #[derive(QueryableByName)]
+    struct Upto {
+        #[diesel(sql_type = Nullable<BigInt>)]
+        id: Option<i64>,
+    }
+    let DbConnection::Sqlite(c) = conn else {
+        return Ok(0);
+    };
+    c.immediate_transaction(|c| {
+        let upto: Upto = diesel::sql_query(
+            "SELECT max(id) AS id FROM (SELECT id FROM chat_messages \
+             WHERE id > (SELECT indexed_to FROM chat_messages_fts_progress) ORDER BY id LIMIT ?1)",
+        )
+        .bind::<BigInt, _>(max)
+        .get_result(c)?;
+        let Some(upto) = upto.id else {
+            return Ok(0);
+        };
+        let indexed = diesel::sql_query(
+            "INSERT INTO chat_messages_fts (rowid, content) SELECT id, content FROM chat_messages \
+             WHERE id > (SELECT indexed_to FROM chat_messages_fts_progress) AND id <= ?1 \
+             ORDER BY id",
+        )
+        .bind::<BigInt, _>(upto)
+        .execute(c)?;
+        diesel::sql_query("UPDATE chat_messages_fts_progress SET indexed_to = ?1")
+            .bind::<BigInt, _>(upto)
+            .execute(c)?;
+        Ok(indexed)
+    })
+}
 
 /// Searches messages for `text`, best first. `owner` limits the search to that user's
 /// conversations, leaving deleted ones out. `text` must not be blank (the caller checks).
@@ -216,5 +256,68 @@ mod tests {
             marked_html("<img src=x onerror='a'> \u{E000}pay&\u{E001}"),
             "&lt;img src=x onerror=&#39;a&#39;&gt; <mark>pay&amp;</mark>"
         );
+    }
+
+    /// Messages deleted or edited before they were indexed, and after: the index stays
+    /// consistent with the table (FTS5's own check), and finds each message as it is now.
+    #[test]
+    fn edits_and_deletes_keep_the_index_consistent_whether_indexed_or_not() {
+        use diesel::connection::SimpleConnection;
+
+        use crate::config::{DatabaseSettings, Secret};
+        use crate::db::{build_pool, run_migrations};
+
+        let dir = tempfile::tempdir().unwrap();
+        let settings = DatabaseSettings {
+            url: Secret::new(format!("sqlite://{}/t.db", dir.path().display())),
+            ..DatabaseSettings::default()
+        };
+        let (pool, _) = build_pool(&settings).unwrap();
+        let mut conn = pool.get().unwrap();
+        run_migrations(&mut conn).unwrap();
+        let add = |conn: &mut DbConnection, seq: i64, content: &str| {
+            conn.batch_execute(&format!(
+                "INSERT INTO chat_messages (id, session_id, seq, role, content)
+                 VALUES ({seq}, 's', {seq}, 'user', '{content}')"
+            ))
+            .unwrap();
+        };
+        conn.batch_execute(
+            "INSERT INTO users (id, email, role) VALUES ('u', 'u@x', 'customer');
+             INSERT INTO chat_sessions (id, user_id) VALUES ('s', 'u');",
+        )
+        .unwrap();
+        add(&mut conn, 1, "indexed then deleted");
+        add(&mut conn, 2, "indexed then edited");
+        add(&mut conn, 3, "indexed and kept");
+        assert_eq!(index_pending(&mut conn, 2).unwrap(), 2, "at most the batch");
+        assert_eq!(index_pending(&mut conn, 100).unwrap(), 1);
+        assert_eq!(index_pending(&mut conn, 100).unwrap(), 0, "nothing left");
+        add(&mut conn, 4, "pending then deleted");
+        add(&mut conn, 5, "pending then edited");
+        conn.batch_execute(
+            "DELETE FROM chat_messages WHERE id IN (1, 4);
+             UPDATE chat_messages SET content = 'walrus now' WHERE id IN (2, 5);",
+        )
+        .unwrap();
+        assert_eq!(index_pending(&mut conn, 100).unwrap(), 1, "message 5");
+        conn.batch_execute(
+            "INSERT INTO chat_messages_fts (chat_messages_fts) VALUES ('integrity-check')",
+        )
+        .expect("the index matches the table");
+
+        let ids = |conn: &mut DbConnection, text: &str| -> Vec<i64> {
+            let mut ids: Vec<i64> = search(conn, text, None, None, 10)
+                .unwrap()
+                .iter()
+                .map(|h| h.id)
+                .collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(ids(&mut conn, "walrus"), vec![2, 5]);
+        assert_eq!(ids(&mut conn, "edited"), Vec::<i64>::new());
+        assert_eq!(ids(&mut conn, "deleted"), Vec::<i64>::new());
+        assert_eq!(ids(&mut conn, "kept"), vec![3]);
     }
 }
