@@ -314,3 +314,94 @@ async fn search_text_is_only_ever_text() {
         .await;
     assert_error(res, 400, "bad_request").await;
 }
+
+/// What a group commit leaves for later in the full-text index is done in the background: on
+/// PostgreSQL the GIN index's pending list is merged within seconds, where without it the list
+/// would wait for a commit that takes it past 4 MB (and that commit would do the merge); on
+/// SQLite messages are indexed between commits. Either way a search finds them.
+#[actix_rt::test]
+async fn the_search_index_catches_up_in_the_background() {
+    use diesel::connection::SimpleConnection;
+    use diesel::RunQueryDsl;
+    use switchboard::db::DbConnection;
+
+    #[derive(diesel::QueryableByName)]
+    struct Pending {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        pending: i64,
+    }
+    /// PostgreSQL: pages in the GIN index's pending list; SQLite: messages not yet indexed.
+    fn pending(c: &mut DbConnection) -> i64 {
+        let sql = match c {
+            DbConnection::Pg(_) => {
+                "SELECT pending_pages::bigint AS pending FROM pgstatginindex('idx_chat_messages_fts')"
+            }
+            DbConnection::Sqlite(_) => {
+                "SELECT count(*) AS pending FROM chat_messages \
+                 WHERE id > (SELECT indexed_to FROM chat_messages_fts_progress)"
+            }
+        };
+        diesel::sql_query(sql)
+            .get_result::<Pending>(c)
+            .unwrap()
+            .pending
+    }
+
+    let w = world().await;
+    let sid = w.alice_s1.clone();
+    let before = w
+        .app
+        .with_db(move |c| {
+            if let DbConnection::Pg(_) = c {
+                c.batch_execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+                    .unwrap();
+            }
+            // As a group commit stores them, in one statement; then, before anything else can
+            // run, what is left for later.
+            c.batch_execute(&format!(
+                "INSERT INTO chat_messages (session_id, seq, role, content, created_at)
+                 SELECT '{sid}', 100 + i, 'agent', 'okapi number ' || i, CURRENT_TIMESTAMP
+                 FROM generate_series(1, 300) AS i"
+            ))
+            .or_else(|_| {
+                c.batch_execute(&format!(
+                    "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 300)
+                     INSERT INTO chat_messages (session_id, seq, role, content, created_at)
+                     SELECT '{sid}', 100 + i, 'agent', 'okapi number ' || i, CURRENT_TIMESTAMP
+                     FROM k"
+                ))
+            })
+            .unwrap();
+            pending(c)
+        })
+        .await;
+    assert!(before > 0, "the insert left nothing pending ({before})");
+
+    let started = std::time::Instant::now();
+    loop {
+        let now = w.app.with_db(pending).await;
+        if now == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "still {now} pending after 10 s (from {before})"
+        );
+        // SQLite indexes between the writer's units of work: give it one.
+        w.app
+            .post_message(&w.agent.access_token, &w.bob_s1, "a walrus", None)
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let page = expect_json(
+        w.app
+            .get(
+                "/api/v1/admin/chat/search?q=okapi&limit=200",
+                &w.agent.access_token,
+            )
+            .await,
+        200,
+    )
+    .await;
+    assert_eq!(results(&page).len(), 200, "every one is found");
+}

@@ -44,6 +44,9 @@ const INDEX_EVERY: Duration = Duration::from_millis(50);
 /// come faster than this) is indexed a batch at a time between group commits.
 pub const INDEX_BATCH_MAX: i64 = 500;
 
+/// PostgreSQL: how often the full-text index's pending list is merged ([`search::merge_pending`]).
+const MERGE_SEARCH_INDEX_EVERY: Duration = Duration::from_secs(1);
+
 /// What a SQLite writer does between units of work, after one that succeeded, when due: adds the
 /// messages stored since the last time to the full-text index ([`INDEX_EVERY`]), and where the
 /// checkpointer found the WAL long, copies the rest of it so that the next transaction starts it
@@ -265,12 +268,38 @@ impl Db {
         let writers = (0..lanes)
             .map(|_| start(1, keep, checkpointer.clone()))
             .collect();
-        Ok(Db {
+        let db = Db {
             addr,
             writers,
             backend,
             pool,
-        })
+        };
+        if backend == Backend::Postgres {
+            db.clone().merge_search_index_in_the_background();
+        }
+        Ok(db)
+    }
+
+    /// PostgreSQL: merges the full-text index's pending list every [`MERGE_SEARCH_INDEX_EVERY`]
+    /// on a pooled connection, so that no group commit does it (see [`search::merge_pending`]).
+    fn merge_search_index_in_the_background(self) {
+        actix::spawn(async move {
+            let mut tick = tokio::time::interval(MERGE_SEARCH_INDEX_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match self.run(|c| Ok(search::merge_pending(c)?)).await {
+                    Ok(_) => failing = false,
+                    // Once per outage; a group commit merges the list if it grows past its limit.
+                    Err(e) if !failing => {
+                        failing = true;
+                        log::warn!("merging the search index's pending list failed: {e}");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     pub fn backend(&self) -> Backend {
