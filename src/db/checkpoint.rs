@@ -117,8 +117,7 @@ mod tests {
     use diesel::connection::SimpleConnection;
 
     use super::*;
-    use crate::config::{DatabaseSettings, Secret};
-    use crate::db::build_pool;
+    use crate::db::{build_pool, sqlite_settings_in};
 
     /// A writer that never pauses, as under load: the WAL is copied and started over all the
     /// same, so it stays near the length it is allowed, however much is written.
@@ -126,11 +125,7 @@ mod tests {
     fn the_wal_starts_over_under_writes_that_never_pause() {
         const LONG: i64 = 64;
         let dir = tempfile::tempdir().unwrap();
-        let settings = DatabaseSettings {
-            url: Secret::new(format!("sqlite://{}/t.db", dir.path().display())),
-            ..DatabaseSettings::default()
-        };
-        let (pool, _) = build_pool(&settings).unwrap();
+        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
         let mut conn = pool.get().unwrap();
         conn.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
             .unwrap();

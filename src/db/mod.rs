@@ -203,6 +203,15 @@ pub fn build_pool(settings: &DatabaseSettings) -> anyhow::Result<(DbPool, Backen
     Ok((pool, backend))
 }
 
+/// Settings for a new SQLite file in `dir`, the defaults otherwise: for unit tests.
+#[cfg(test)]
+pub fn sqlite_settings_in(dir: &Path) -> DatabaseSettings {
+    DatabaseSettings {
+        url: crate::config::Secret::new(format!("sqlite://{}/t.db", dir.display())),
+        ..DatabaseSettings::default()
+    }
+}
+
 /// Applies every pending migration; returns the names of those applied now.
 pub fn run_migrations(conn: &mut DbConnection) -> anyhow::Result<Vec<String>> {
     let applied = match conn {

@@ -384,8 +384,8 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DatabaseSettings, Secret};
-    use crate::db::{build_pool, run_migrations};
+    use crate::config::DatabaseSettings;
+    use crate::db::{build_pool, run_migrations, sqlite_settings_in};
 
     #[test]
     fn write_lanes_follow_the_setting_else_the_cores_and_the_pool() {
@@ -406,10 +406,9 @@ mod tests {
     async fn a_panic_in_a_write_costs_only_that_write() {
         let dir = tempfile::tempdir().unwrap();
         let settings = DatabaseSettings {
-            url: Secret::new(format!("sqlite://{}/t.db", dir.path().display())),
             max_open_conns: 1,
             max_idle_conns: 1,
-            ..DatabaseSettings::default()
+            ..sqlite_settings_in(dir.path())
         };
         let (pool, backend) = build_pool(&settings).unwrap();
         let db = Db::start(pool, backend, 0).unwrap();
@@ -440,11 +439,7 @@ mod tests {
     /// A Db on a new SQLite file with the migrations applied, one conversation in it, and
     /// `write` adding messages to it by raw SQL (ids grow as they do for stored messages).
     async fn sqlite_db(dir: &tempfile::TempDir) -> Db {
-        let settings = DatabaseSettings {
-            url: Secret::new(format!("sqlite://{}/t.db", dir.path().display())),
-            ..DatabaseSettings::default()
-        };
-        let (pool, backend) = build_pool(&settings).unwrap();
+        let (pool, backend) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
         let db = Db::start(pool, backend, 0).unwrap();
         db.run(|c| Ok(run_migrations(c))).await.unwrap().unwrap();
         db.write(0, |c| {

@@ -289,15 +289,10 @@ mod tests {
     fn edits_and_deletes_keep_the_index_consistent_whether_indexed_or_not() {
         use diesel::connection::SimpleConnection;
 
-        use crate::config::{DatabaseSettings, Secret};
-        use crate::db::{build_pool, run_migrations};
+        use crate::db::{build_pool, run_migrations, sqlite_settings_in};
 
         let dir = tempfile::tempdir().unwrap();
-        let settings = DatabaseSettings {
-            url: Secret::new(format!("sqlite://{}/t.db", dir.path().display())),
-            ..DatabaseSettings::default()
-        };
-        let (pool, _) = build_pool(&settings).unwrap();
+        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
         let mut conn = pool.get().unwrap();
         run_migrations(&mut conn).unwrap();
         let add = |conn: &mut DbConnection, seq: i64, content: &str| {
