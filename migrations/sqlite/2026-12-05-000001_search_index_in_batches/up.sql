@@ -1,6 +1,6 @@
 -- Messages are indexed for search in batches, after their commit, instead of by a trigger inside
 -- it: an FTS5 insert writes a new index segment and its bookkeeping pages in every transaction,
--- which under load was about half of what each commit wrote. `indexed_to` is the id of the
+-- which under load was about a fifth of what each commit wrote. `indexed_to` is the id of the
 -- newest message in the index; ids only grow (AUTOINCREMENT), so the messages not yet indexed
 -- are those above it. The writer indexes them every few tens of milliseconds, and a search
 -- indexes what is left before it runs (src/db/models/search.rs).

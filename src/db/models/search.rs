@@ -111,8 +111,8 @@ ORDER BY r.rank DESC, r.id DESC";
 /// transaction; returns how many. PostgreSQL indexes every message as it is stored: 0.
 ///
 /// Indexing in the commit that stores a message wrote a new FTS5 segment and its bookkeeping
-/// pages in every transaction, about half of what each group commit wrote under load; in
-/// batches of tens of milliseconds they are written a few times a second.
+/// pages in every transaction, about a fifth of what each group commit wrote under load (8 of
+/// 41 pages); in batches of tens of milliseconds they are written a few times a second.
 pub fn index_pending(conn: &mut DbConnection, max: i64) -> QueryResult<usize> {
     #[derive(QueryableByName)]
     struct Upto {
@@ -152,7 +152,7 @@ pub fn index_pending(conn: &mut DbConnection, max: i64) -> QueryResult<usize> {
 /// PostgreSQL adds new entries of a GIN index to a pending list, and the insert that takes
 /// the list past `gin_pending_list_limit` (4 MB) merges it within its own transaction: a group
 /// commit that took 100 ms and more, every few seconds under load (p99.9 at 10,000 deliveries/s
-/// 87–149 ms; merged every second by this instead, 31–36 ms). Searches read the list as well,
+/// 87–149 ms; merged every second by this instead, 19–36 ms). Searches read the list as well,
 /// so it is kept short.
 pub fn merge_pending(conn: &mut DbConnection) -> QueryResult<i64> {
     #[derive(QueryableByName)]
