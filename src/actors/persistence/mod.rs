@@ -236,8 +236,8 @@ pub struct Db {
 
 impl Db {
     /// Starts the actor's threads and the writers' (`write_lanes` of them on PostgreSQL; 0
-    /// picks a number, see [`write_lanes`]), and on SQLite the [`Checkpointer`]. Must run
-    /// inside an actix `System`.
+    /// picks a number, see [`write_lanes`]); on SQLite the [`Checkpointer`], on PostgreSQL the
+    /// task that merges the search index's pending list. Must run inside an actix `System`.
     pub fn start(pool: DbPool, backend: Backend, write_lanes: usize) -> std::io::Result<Db> {
         let threads = pool.max_size() as usize;
         let checkpointer = match backend {
