@@ -108,20 +108,21 @@ impl Handler<DoUpkeep> for Persistence {
     type Result = ();
 
     fn handle(&mut self, _: DoUpkeep, ctx: &mut SyncContext<Self>) {
+        match &mut self.upkeep {
+            Some(upkeep) => upkeep.queued = false,
+            None => return,
+        }
+        // Without a connection it waits for the next unit of work to make it due again.
         let (mut conn, since) = match self.connection() {
             Ok(conn) => conn,
             Err(e) => {
                 log::warn!("indexing new messages for search waits: {e}");
-                if let Some(upkeep) = &mut self.upkeep {
-                    upkeep.queued = false;
-                }
                 return;
             }
         };
         let Some(upkeep) = &mut self.upkeep else {
             return;
         };
-        upkeep.queued = false;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             upkeep.checkpointer.finish_long_wal(&mut conn);
             if upkeep.indexed_at.elapsed() < INDEX_EVERY {
@@ -436,8 +437,8 @@ mod tests {
         assert_eq!(users, 0, "the half-done transaction was not committed");
     }
 
-    /// A Db on a new SQLite file with the migrations applied, one conversation in it, and
-    /// `write` adding messages to it by raw SQL (ids grow as they do for stored messages).
+    /// A Db on a new SQLite file with the migrations applied and one conversation in it, to
+    /// which `store` adds messages by raw SQL (ids grow as they do for stored messages).
     async fn sqlite_db(dir: &tempfile::TempDir) -> Db {
         let (pool, backend) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
         let db = Db::start(pool, backend, 0).unwrap();
