@@ -10,12 +10,21 @@
 //! A WAL starts over from its beginning only when a write transaction begins while it is
 //! copied to its end, which a writer that never pauses does not allow. So once the WAL is
 //! [`WAL_LONG_PAGES`] long, the writer copies what is left of it itself between two units of
-//! work ([`Checkpointer::finish_long_wal`]), and its next transaction starts the WAL over. That holds
-//! the writer for the copy and two `fsync`s, 15–45 ms measured under load, once per
-//! [`WAL_LONG_PAGES`] written: every few seconds at 5,000 messages/s. (At 64 MiB it was about
-//! every second, and at 1,000 messages/s it set p99: 37–44 ms against 6–7 ms at 256 MiB.) A
-//! `RESTART` checkpoint from this thread would hold the writer as long, and the writer then
-//! waits out the lock in steps of 1, 2, 5, 10… ms.
+//! work ([`Checkpointer::finish_long_wal`]), and its next transaction starts the WAL over. That
+//! holds the writer for the copy and two `fsync`s, once per [`WAL_LONG_PAGES`] written: every
+//! few seconds at 5,000 messages/s. (At 64 MiB it was about every second, and at 1,000
+//! messages/s it set p99: 37–44 ms against 6–7 ms at 256 MiB.) A `RESTART` checkpoint from
+//! this thread would hold the writer as long, and the writer then waits out the lock in steps
+//! of 1, 2, 5, 10… ms.
+//!
+//! What the writer's copy costs is kept small in two ways (it took 10–50 ms, growing with the
+//! database, before):
+//! - Once the WAL is long, this thread copies again at once, until a copy finds little left
+//!   ([`CAUGHT_UP_PAGES`]); only then is the writer asked, so it has about as little to copy.
+//! - SQLite syncs the database file only in a checkpoint that copies the WAL to its end, which
+//!   under constant writes is only the writer's: that one `fsync` then wrote out every page
+//!   copied since the last start-over. After each of its copies this thread starts writing the
+//!   copied pages out ([`start_writeback`]), without waiting, so little is left for that `fsync`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
@@ -29,9 +38,22 @@ use super::{DbConnection, DbPool};
 /// How often the WAL is copied into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
-/// A WAL this long (in pages, 256 MiB) is started over at the writer's next commit; the file
-/// is cut back to this size when it is.
+/// A WAL this long (in pages, 256 MiB) is started over at the writer's next commit.
 pub const WAL_LONG_PAGES: i64 = 65_536;
+
+/// `journal_size_limit`: where the WAL is started over, its file is cut back to this. Twice
+/// [`WAL_LONG_PAGES`], so that a WAL of the usual length (a little past that many frames of
+/// 4,120 bytes) is overwritten in place: cut back to 256 MiB at each start-over, it was cut
+/// and grown again each time, 3 ms inside the first commit after it.
+pub const WAL_FILE_LIMIT_BYTES: i64 = 2 * WAL_LONG_PAGES * 4096;
+
+/// A copy that found at most this many pages of the WAL left to copy took little time, so
+/// little was added meanwhile: the writer, asked now, has about as little to copy.
+const CAUGHT_UP_PAGES: i64 = 512;
+
+/// Copies in a row at most while catching up with a long WAL; then the writer is asked all the
+/// same (writes that outpace the copies are not caught up with).
+const CATCH_UP_PASSES_MAX: u32 = 20;
 
 /// Checkpoints SQLite's WAL on a thread of its own, for as long as it is kept (see the module).
 pub struct Checkpointer {
@@ -48,24 +70,31 @@ impl Checkpointer {
         let long = wal_long.clone();
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || loop {
-                match stopped.recv_timeout(CHECKPOINT_EVERY) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-                let outcome = pool
-                    .get()
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut conn| checkpoint(&mut conn).map_err(|e| e.to_string()));
-                match outcome {
-                    Ok(Some(wal)) => {
-                        if wal.log >= long_pages {
-                            long.store(true, Ordering::Relaxed);
-                        }
+            .spawn(move || {
+                let mut passes = Passes::default();
+                let mut wait = CHECKPOINT_EVERY;
+                loop {
+                    match stopped.recv_timeout(wait) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
                     }
-                    Ok(None) => return,
-                    Err(e) => {
-                        log::warn!("checkpointing the SQLite WAL failed (tried again shortly): {e}")
+                    let outcome = pool
+                        .get()
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut conn| passes.run(&mut conn).map_err(|e| e.to_string()));
+                    wait = CHECKPOINT_EVERY;
+                    match outcome {
+                        Ok(Some(pass)) => match passes.next(pass, long_pages) {
+                            Next::Wait => {}
+                            Next::Again => wait = Duration::ZERO,
+                            Next::AskTheWriter => long.store(true, Ordering::Relaxed),
+                        },
+                        Ok(None) => return,
+                        Err(e) => {
+                            log::warn!(
+                                "checkpointing the SQLite WAL failed (tried again shortly): {e}"
+                            )
+                        }
                     }
                 }
             })?;
@@ -91,12 +120,127 @@ impl Checkpointer {
     }
 }
 
+/// One checkpoint, in pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pass {
+    /// The WAL's length.
+    wal: i64,
+    /// Copied by this checkpoint.
+    copied: i64,
+}
+
+/// What the thread does after a checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// The next one after [`CHECKPOINT_EVERY`].
+    Wait,
+    /// The WAL is long: copy again at once, to leave the writer little.
+    Again,
+    /// The WAL is long and little was left: the writer is to copy the rest and start it over.
+    AskTheWriter,
+}
+
+/// The checkpoint thread's state from one checkpoint to the next.
+#[derive(Default)]
+struct Passes {
+    /// The database file, opened by path to write out what the checkpoints copy into it.
+    db_file: Option<std::fs::File>,
+    /// How much of the WAL had been copied at the last checkpoint.
+    copied_to: i64,
+    /// Checkpoints in a row so far while catching up with a long WAL.
+    catching_up: u32,
+}
+
+impl Passes {
+    /// A `PASSIVE` checkpoint, then the pages it copied on their way to disk. `None` on
+    /// PostgreSQL.
+    fn run(&mut self, conn: &mut DbConnection) -> QueryResult<Option<Pass>> {
+        let Some(wal) = checkpoint(conn)? else {
+            return Ok(None);
+        };
+        // A WAL started over since the last checkpoint counts from its start again.
+        let copied = if wal.checkpointed >= self.copied_to {
+            wal.checkpointed - self.copied_to
+        } else {
+            wal.checkpointed
+        };
+        self.copied_to = wal.checkpointed;
+        if copied > 0 {
+            if self.db_file.is_none() {
+                self.db_file = database_path(conn).and_then(|path| std::fs::File::open(path).ok());
+            }
+            if let Some(file) = &self.db_file {
+                start_writeback(file);
+            }
+        }
+        Ok(Some(Pass {
+            wal: wal.log,
+            copied,
+        }))
+    }
+
+    /// What follows checkpoint `pass`, for a WAL counted long at `long_pages`.
+    fn next(&mut self, pass: Pass, long_pages: i64) -> Next {
+        if pass.wal < long_pages {
+            self.catching_up = 0;
+            return Next::Wait;
+        }
+        if pass.copied <= CAUGHT_UP_PAGES || self.catching_up >= CATCH_UP_PASSES_MAX {
+            self.catching_up = 0;
+            return Next::AskTheWriter;
+        }
+        self.catching_up += 1;
+        Next::Again
+    }
+}
+
+/// Starts writing the file's dirty pages to disk without waiting for them (Linux; elsewhere the
+/// writer's `fsync` writes them).
+fn start_writeback(file: &std::fs::File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor, the whole file; the call only schedules writes.
+        let done =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        if done != 0 {
+            log::debug!(
+                "writing out the SQLite database file: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
+/// The main database's file, where it has one.
+fn database_path(conn: &mut DbConnection) -> Option<String> {
+    #[derive(QueryableByName)]
+    struct Database {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        file: String,
+    }
+    let DbConnection::Sqlite(conn) = conn else {
+        return None;
+    };
+    let list: Vec<Database> = diesel::sql_query("PRAGMA database_list").load(conn).ok()?;
+    list.into_iter()
+        .find(|d| d.name == "main" && !d.file.is_empty())
+        .map(|d| d.file)
+}
+
 /// What `PRAGMA wal_checkpoint` answers, in pages.
 #[derive(QueryableByName)]
 struct WalPages {
     /// The WAL's length.
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     log: i64,
+    /// Of which copied into the database file, by this checkpoint or earlier ones.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    checkpointed: i64,
 }
 
 /// A `PASSIVE` checkpoint: copies what no open read transaction still needs from the WAL.
@@ -161,6 +305,76 @@ mod tests {
             .get_result(&mut *conn)
             .unwrap();
         assert_eq!(rows.n, commits as i64, "every commit is there");
+    }
+
+    /// Once the WAL is long, copies follow each other until one finds little left; only then is
+    /// the writer asked, and after [`CATCH_UP_PASSES_MAX`] copies all the same.
+    #[test]
+    fn a_long_wal_is_copied_again_until_little_is_left_for_the_writer() {
+        const LONG: i64 = 1_000;
+        let mut passes = Passes::default();
+        let pass = |wal, copied| Pass { wal, copied };
+        assert_eq!(
+            passes.next(pass(999, 900), LONG),
+            Next::Wait,
+            "not long yet"
+        );
+        assert_eq!(passes.next(pass(1_000, 900), LONG), Next::Again);
+        assert_eq!(passes.next(pass(1_100, 600), LONG), Next::Again);
+        assert_eq!(
+            passes.next(pass(1_150, CAUGHT_UP_PAGES), LONG),
+            Next::AskTheWriter
+        );
+        // Writes that outpace the copies.
+        for _ in 0..CATCH_UP_PASSES_MAX {
+            assert_eq!(passes.next(pass(5_000, 2_000), LONG), Next::Again);
+        }
+        assert_eq!(passes.next(pass(5_000, 2_000), LONG), Next::AskTheWriter);
+        assert_eq!(
+            passes.next(pass(5_000, 2_000), LONG),
+            Next::Again,
+            "counted afresh"
+        );
+    }
+
+    /// Each checkpoint counts the pages it copied itself, also after the WAL started over, and
+    /// finds the database file to write them out.
+    #[test]
+    fn each_checkpoint_counts_the_pages_it_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
+        let mut conn = pool.get().unwrap();
+        let insert = |conn: &mut DbConnection, rows: usize| {
+            for _ in 0..rows {
+                conn.batch_execute(&format!(
+                    "INSERT INTO t (body) VALUES ('{}')",
+                    "x".repeat(1_000)
+                ))
+                .unwrap();
+            }
+        };
+        conn.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+            .unwrap();
+        insert(&mut conn, 20);
+        let mut passes = Passes::default();
+
+        let first = passes.run(&mut conn).unwrap().unwrap();
+        assert!(
+            first.copied >= 20,
+            "one page per commit at least: {first:?}"
+        );
+        assert_eq!(first.copied, first.wal, "nothing holds the WAL back");
+        assert!(passes.db_file.is_some(), "the database file was found");
+        assert_eq!(passes.run(&mut conn).unwrap().unwrap().copied, 0);
+
+        // The WAL was copied to its end: the next commit starts it over.
+        insert(&mut conn, 3);
+        let after = passes.run(&mut conn).unwrap().unwrap();
+        assert!(
+            after.wal < first.wal,
+            "started over: {after:?} after {first:?}"
+        );
+        assert_eq!(after.copied, after.wal);
     }
 
     #[derive(QueryableByName)]

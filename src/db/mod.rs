@@ -134,7 +134,7 @@ impl ConnectionManager {
                      PRAGMA cache_size = -32768; PRAGMA wal_autocheckpoint = 0; \
                      PRAGMA journal_size_limit = {};",
                     self.busy_timeout.as_millis(),
-                    checkpoint::WAL_LONG_PAGES * 4096
+                    checkpoint::WAL_FILE_LIMIT_BYTES
                 ))
                 .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
                 Ok(DbConnection::Sqlite(conn))
