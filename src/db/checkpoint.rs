@@ -21,6 +21,8 @@
 //! database, before):
 //! - Once the WAL is long, this thread copies again at once, until a copy finds little left
 //!   ([`CAUGHT_UP_PAGES`]); only then is the writer asked, so it has about as little to copy.
+//!   Writes that outpace the copies are not waited out: the writer is asked all the same once
+//!   the WAL has grown a quarter longer, or after [`CATCH_UP_PASSES_MAX`] copies.
 //! - SQLite syncs the database file only in a checkpoint that copies the WAL to its end, which
 //!   under constant writes is only the writer's: that one `fsync` then wrote out every page
 //!   copied since the last start-over. After each of its copies this thread starts writing the
@@ -54,6 +56,10 @@ const CAUGHT_UP_PAGES: i64 = 512;
 /// Copies in a row at most while catching up with a long WAL; then the writer is asked all the
 /// same (writes that outpace the copies are not caught up with).
 const CATCH_UP_PASSES_MAX: u32 = 20;
+
+/// Nor does catching up let the WAL grow past this share of its long length (in quarters):
+/// the writer is asked then, whatever is left.
+const CATCH_UP_WAL_QUARTERS: i64 = 5;
 
 /// Checkpoints SQLite's WAL on a thread of its own, for as long as it is kept (see the module).
 pub struct Checkpointer {
@@ -185,7 +191,10 @@ impl Passes {
             self.catching_up = 0;
             return Next::Wait;
         }
-        if pass.copied <= CAUGHT_UP_PAGES || self.catching_up >= CATCH_UP_PASSES_MAX {
+        if pass.copied <= CAUGHT_UP_PAGES
+            || self.catching_up >= CATCH_UP_PASSES_MAX
+            || pass.wal >= long_pages / 4 * CATCH_UP_WAL_QUARTERS
+        {
             self.catching_up = 0;
             return Next::AskTheWriter;
         }
@@ -308,7 +317,8 @@ mod tests {
     }
 
     /// Once the WAL is long, copies follow each other until one finds little left; only then is
-    /// the writer asked, and after [`CATCH_UP_PASSES_MAX`] copies all the same.
+    /// the writer asked, and all the same after [`CATCH_UP_PASSES_MAX`] copies or once the WAL
+    /// has grown a quarter longer.
     #[test]
     fn a_long_wal_is_copied_again_until_little_is_left_for_the_writer() {
         const LONG: i64 = 1_000;
@@ -325,16 +335,19 @@ mod tests {
             passes.next(pass(1_150, CAUGHT_UP_PAGES), LONG),
             Next::AskTheWriter
         );
-        // Writes that outpace the copies.
+        // Writes that outpace the copies: at most so many copies in a row,
         for _ in 0..CATCH_UP_PASSES_MAX {
-            assert_eq!(passes.next(pass(5_000, 2_000), LONG), Next::Again);
+            assert_eq!(passes.next(pass(1_100, 700), LONG), Next::Again);
         }
-        assert_eq!(passes.next(pass(5_000, 2_000), LONG), Next::AskTheWriter);
+        assert_eq!(passes.next(pass(1_100, 700), LONG), Next::AskTheWriter);
         assert_eq!(
-            passes.next(pass(5_000, 2_000), LONG),
+            passes.next(pass(1_100, 700), LONG),
             Next::Again,
             "counted afresh"
         );
+        // and a WAL at most a quarter longer.
+        assert_eq!(passes.next(pass(1_249, 700), LONG), Next::Again);
+        assert_eq!(passes.next(pass(1_250, 700), LONG), Next::AskTheWriter);
     }
 
     /// Each checkpoint counts the pages it copied itself, also after the WAL started over, and
