@@ -322,32 +322,29 @@ mod tests {
     #[test]
     fn a_long_wal_is_copied_again_until_little_is_left_for_the_writer() {
         const LONG: i64 = 1_000;
+        // One checkpoint after the other: (the WAL's length, pages copied, what follows).
+        let mut steps = vec![
+            (999, 900, Next::Wait),
+            (1_000, 900, Next::Again),
+            (1_100, 600, Next::Again),
+            (1_150, CAUGHT_UP_PAGES, Next::AskTheWriter),
+        ];
+        // Writes that outpace the copies: so many copies in a row at most, counted afresh after,
+        steps.extend((0..CATCH_UP_PASSES_MAX).map(|_| (1_100, 700, Next::Again)));
+        steps.push((1_100, 700, Next::AskTheWriter));
+        steps.push((1_100, 700, Next::Again));
+        // and a WAL a quarter longer at most.
+        steps.push((1_249, 700, Next::Again));
+        steps.push((1_250, 700, Next::AskTheWriter));
+
         let mut passes = Passes::default();
-        let pass = |wal, copied| Pass { wal, copied };
-        assert_eq!(
-            passes.next(pass(999, 900), LONG),
-            Next::Wait,
-            "not long yet"
-        );
-        assert_eq!(passes.next(pass(1_000, 900), LONG), Next::Again);
-        assert_eq!(passes.next(pass(1_100, 600), LONG), Next::Again);
-        assert_eq!(
-            passes.next(pass(1_150, CAUGHT_UP_PAGES), LONG),
-            Next::AskTheWriter
-        );
-        // Writes that outpace the copies: at most so many copies in a row,
-        for _ in 0..CATCH_UP_PASSES_MAX {
-            assert_eq!(passes.next(pass(1_100, 700), LONG), Next::Again);
+        for (i, (wal, copied, next)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                passes.next(Pass { wal, copied }, LONG),
+                next,
+                "checkpoint {i}: a WAL of {wal} pages, {copied} copied"
+            );
         }
-        assert_eq!(passes.next(pass(1_100, 700), LONG), Next::AskTheWriter);
-        assert_eq!(
-            passes.next(pass(1_100, 700), LONG),
-            Next::Again,
-            "counted afresh"
-        );
-        // and a WAL at most a quarter longer.
-        assert_eq!(passes.next(pass(1_249, 700), LONG), Next::Again);
-        assert_eq!(passes.next(pass(1_250, 700), LONG), Next::AskTheWriter);
     }
 
     /// Each checkpoint counts the pages it copied itself, also after the WAL started over, and
