@@ -270,7 +270,25 @@ mod tests {
     use diesel::connection::SimpleConnection;
 
     use super::*;
-    use crate::db::{build_pool, sqlite_settings_in};
+    use crate::db::{build_pool, sqlite_settings_in, PooledConn};
+
+    /// A pool on a new SQLite file `t.db` in `dir` holding table `t`, and a connection of it.
+    fn table_in(dir: &tempfile::TempDir) -> (DbPool, PooledConn) {
+        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
+        let mut conn = pool.get().unwrap();
+        conn.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+            .unwrap();
+        (pool, conn)
+    }
+
+    /// Commits one row of 1,000 bytes to `t`: one page of the WAL at least.
+    fn add_row(conn: &mut DbConnection) {
+        conn.batch_execute(&format!(
+            "INSERT INTO t (body) VALUES ('{}')",
+            "x".repeat(1_000)
+        ))
+        .unwrap();
+    }
 
     /// A writer that never pauses, as under load: the WAL is copied and started over all the
     /// same, so it stays near the length it is allowed, however much is written.
@@ -278,20 +296,13 @@ mod tests {
     fn the_wal_starts_over_under_writes_that_never_pause() {
         const LONG: i64 = 64;
         let dir = tempfile::tempdir().unwrap();
-        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
-        let mut conn = pool.get().unwrap();
-        conn.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-            .unwrap();
+        let (pool, mut conn) = table_in(&dir);
         let checkpointer = Checkpointer::start(pool.clone(), LONG).unwrap();
 
         let started = Instant::now();
         let mut commits = 0u64;
         while started.elapsed() < Duration::from_millis(1_500) {
-            conn.batch_execute(&format!(
-                "INSERT INTO t (body) VALUES ('{}')",
-                "x".repeat(1_000)
-            ))
-            .unwrap();
+            add_row(&mut conn);
             commits += 1;
             checkpointer.finish_long_wal(&mut conn);
         }
@@ -352,20 +363,10 @@ mod tests {
     #[test]
     fn each_checkpoint_counts_the_pages_it_copied() {
         let dir = tempfile::tempdir().unwrap();
-        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
-        let mut conn = pool.get().unwrap();
-        let insert = |conn: &mut DbConnection, rows: usize| {
-            for _ in 0..rows {
-                conn.batch_execute(&format!(
-                    "INSERT INTO t (body) VALUES ('{}')",
-                    "x".repeat(1_000)
-                ))
-                .unwrap();
-            }
-        };
-        conn.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-            .unwrap();
-        insert(&mut conn, 20);
+        let (_pool, mut conn) = table_in(&dir);
+        for _ in 0..20 {
+            add_row(&mut conn);
+        }
         let mut passes = Passes::default();
 
         let first = passes.run(&mut conn).unwrap().unwrap();
@@ -378,7 +379,9 @@ mod tests {
         assert_eq!(passes.run(&mut conn).unwrap().unwrap().copied, 0);
 
         // The WAL was copied to its end: the next commit starts it over.
-        insert(&mut conn, 3);
+        for _ in 0..3 {
+            add_row(&mut conn);
+        }
         let after = passes.run(&mut conn).unwrap().unwrap();
         assert!(
             after.wal < first.wal,
