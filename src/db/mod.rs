@@ -6,6 +6,7 @@
 //! Queries run only inside the persistence actor (`crate::actors::persistence`).
 
 mod checkpoint;
+mod kept;
 pub mod models;
 pub mod schema;
 
