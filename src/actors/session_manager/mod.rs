@@ -824,6 +824,10 @@ impl SessionManager {
         let Some(conn) = self.connections.get_mut(&conn_id) else {
             return;
         };
+        // A socket joins before each message it sends: a member already, it has nothing to do.
+        if after_seq.is_none() && conn.sessions.contains(&session_id) {
+            return;
+        }
         let newly_joined = conn.sessions.insert(session_id.clone());
         let conv = self.conversations.entry(session_id.clone()).or_default();
         if !newly_joined && after_seq.is_none() {
