@@ -58,6 +58,7 @@ impl Application {
         for name in &applied {
             log::info!("applied migration {name}");
         }
+        db.keep_search_index_merged();
 
         let address = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&address).with_context(|| {

@@ -237,8 +237,8 @@ pub struct Db {
 
 impl Db {
     /// Starts the actor's threads and the writers' (`write_lanes` of them on PostgreSQL; 0
-    /// picks a number, see [`write_lanes`]); on SQLite the [`Checkpointer`], on PostgreSQL the
-    /// task that merges the search index's pending list. Must run inside an actix `System`.
+    /// picks a number, see [`write_lanes`]), and on SQLite the [`Checkpointer`]. Must run inside
+    /// an actix `System`.
     pub fn start(pool: DbPool, backend: Backend, write_lanes: usize) -> std::io::Result<Db> {
         let threads = pool.max_size() as usize;
         let checkpointer = match backend {
@@ -269,28 +269,30 @@ impl Db {
         let writers = (0..lanes)
             .map(|_| start(1, keep, checkpointer.clone()))
             .collect();
-        let db = Db {
+        Ok(Db {
             addr,
             writers,
             backend,
             pool,
-        };
-        if backend == Backend::Postgres {
-            db.clone().merge_search_index_in_the_background();
-        }
-        Ok(db)
+        })
     }
 
     /// PostgreSQL: merges the full-text index's pending list every [`MERGE_SEARCH_INDEX_EVERY`]
     /// on a pooled connection, so that no group commit does it (see [`search::merge_pending`]).
-    fn merge_search_index_in_the_background(self) {
+    /// For the server, started once the migrations have made the index: started with the
+    /// threads, its first merge ran before them on a new database and logged a failure.
+    pub fn keep_search_index_merged(&self) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        let db = self.clone();
         actix::spawn(async move {
             let mut tick = tokio::time::interval(MERGE_SEARCH_INDEX_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
             loop {
                 tick.tick().await;
-                match self.run(|c| Ok(search::merge_pending(c)?)).await {
+                match db.run(|c| Ok(search::merge_pending(c)?)).await {
                     Ok(_) => failing = false,
                     // Once per outage; a group commit merges the list if it grows past its limit.
                     Err(e) if !failing => {
