@@ -276,6 +276,17 @@ mod tests {
     fn table_in(dir: &tempfile::TempDir) -> (DbPool, PooledConn) {
         let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
         let mut conn = pool.get().unwrap();
+        // The pool opens another connection in the background to replace the one taken, and
+        // opening one reads the database. A checkpoint copies nothing past what a reader
+        // started with, so one that ran meanwhile could find it had copied nothing: wait.
+        let started = Instant::now();
+        while pool.state().idle_connections < pool.min_idle().unwrap_or(0) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the pool did not open its idle connections"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         conn.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
             .unwrap();
         (pool, conn)
