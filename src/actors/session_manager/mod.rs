@@ -830,9 +830,6 @@ impl SessionManager {
         }
         let newly_joined = conn.sessions.insert(session_id.clone());
         let conv = self.conversations.entry(session_id.clone()).or_default();
-        if !newly_joined && after_seq.is_none() {
-            return;
-        }
         let peer = conn.peer();
         let Some(after_seq) = after_seq else {
             let arrived = conv.add_member(
