@@ -4,7 +4,7 @@
 //! never keeps `sql_query` text, an `IN` list on SQLite, or any UPDATE: those are parsed and
 //! planned again on every call. On SQLite that is the writer's own thread: a group commit ran
 //! two such statements in every transaction and one more per conversation, and at 10,000
-//! deliveries a second the server prepared 4,000 to 5,600 statements a second, nearly all for
+//! deliveries a second the server prepared 3,900 to 5,600 statements a second, nearly all for
 //! one use (with these kept: 40 to 75).
 //!
 //! A [`Statement`] has fixed SQL and a type of its own, by which Diesel keeps it: run it as
