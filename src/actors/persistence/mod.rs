@@ -2,8 +2,8 @@
 //!
 //! Runs on a `SyncArbiter` with one thread per pooled connection (`DB_MAX_OPEN_CONNS`), because
 //! Diesel blocks. It owns the pool; everything else holds a [`Db`] handle and sends it work.
-//! Group commit has writers of its own: one thread per committer lane, each keeping one pooled
-//! connection between batches (where the pool has as many again for reads), so that the
+//! Group commit has writers of its own: one thread per committer lane, which drains the lane's
+//! queue itself ([`committer`]) and keeps one pooled connection between batches (where the pool has as many again for reads), so that the
 //! connection that wrote last writes next (SQLite drops a connection's page cache whenever
 //! another connection has written since its last transaction) and PostgreSQL keeps its
 //! prepared statements.
@@ -91,6 +91,11 @@ impl Persistence {
         }
     }
 
+    /// A [`DoUpkeep`] waits in the mailbox.
+    fn upkeep_queued(&self) -> bool {
+        self.upkeep.as_ref().is_some_and(|u| u.queued)
+    }
+
     fn schedule_upkeep(&mut self, ctx: &SyncContext<Self>) {
         let Some(upkeep) = &mut self.upkeep else {
             return;
@@ -170,8 +175,20 @@ impl<T: 'static> Handler<RunQuery<T>> for Persistence {
     type Result = Result<T, DbError>;
 
     fn handle(&mut self, msg: RunQuery<T>, ctx: &mut SyncContext<Self>) -> Self::Result {
+        self.unit(ctx, msg.0)
+    }
+}
+
+impl Persistence {
+    /// Runs one unit of work on this thread's connection: a panic costs only this unit, and a
+    /// writer's upkeep is scheduled after one that succeeded.
+    fn unit<T>(
+        &mut self,
+        ctx: &SyncContext<Self>,
+        work: impl FnOnce(&mut DbConnection) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
         let (mut conn, since) = self.connection()?;
-        match catch_unwind(AssertUnwindSafe(|| (msg.0)(&mut conn))) {
+        match catch_unwind(AssertUnwindSafe(|| work(&mut conn))) {
             // A unit of work that failed gives its connection back (see `give_back`).
             Ok(result) => {
                 self.give_back(conn, since, result.is_ok());
@@ -334,6 +351,17 @@ impl Db {
         .await
     }
 
+    /// Asks writer `lane` to drain its committer lane; gives `drain` back where the writer has
+    /// stopped.
+    fn drain(&self, lane: usize, drain: committer::DrainLane) -> Result<(), committer::DrainLane> {
+        let writer = &self.writers[lane % self.writers.len()];
+        if !writer.connected() {
+            return Err(drain);
+        }
+        writer.do_send(drain);
+        Ok(())
+    }
+
     /// Runs `work` on a pooled connection in the persistence actor and waits for its result.
     pub async fn run<T, F>(&self, work: F) -> Result<T, DbError>
     where
@@ -441,7 +469,7 @@ mod tests {
 
     /// A Db on a new SQLite file with the migrations applied and one conversation in it, to
     /// which `store` adds messages by raw SQL (ids grow as they do for stored messages).
-    async fn sqlite_db(dir: &tempfile::TempDir) -> Db {
+    pub(super) async fn sqlite_db(dir: &tempfile::TempDir) -> Db {
         let (pool, backend) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
         let db = Db::start(pool, backend, 0).unwrap();
         db.run(|c| Ok(run_migrations(c))).await.unwrap().unwrap();

@@ -239,7 +239,7 @@ impl Connection {
 pub struct SessionManager {
     db: Db,
     inference: InferencePool,
-    committer: Addr<Committer>,
+    committer: Committer,
     resume_max: i64,
     /// Events held for one replaying member before it counts as a slow consumer.
     held_max: usize,
@@ -268,7 +268,7 @@ impl SessionManager {
     ) -> Addr<SessionManager> {
         SessionManager::create(move |ctx| {
             let mut manager = SessionManager {
-                committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()).start(),
+                committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()),
                 db,
                 inference,
                 resume_max: resume_max.max(1),
@@ -692,7 +692,7 @@ impl SessionManager {
     /// Hands a message to the committer, counting it until its outcome comes back.
     fn store(&mut self, append: Append) {
         self.pending_writes += 1;
-        self.committer.do_send(append);
+        self.committer.append(append);
     }
 
     /// While shutting down: once no answer is in flight and every write is settled, closes
