@@ -4,8 +4,13 @@
 //! database file and syncs both. Left to itself, SQLite checkpoints inside the commit that takes
 //! the WAL past 1,000 pages, so under load the group-commit writer stopped every few hundred
 //! messages for a copy and two `fsync`s (5–50 ms measured). Connections are opened with
-//! `wal_autocheckpoint = 0` instead, and [`Checkpointer`] copies the WAL every
-//! [`CHECKPOINT_EVERY`] with `PASSIVE` checkpoints, which neither wait for nor hold up a writer.
+//! `wal_autocheckpoint = 0` instead, and [`Checkpointer`] copies the WAL every [`COPY_EVERY`]
+//! with `PASSIVE` checkpoints, which neither wait for nor hold up a writer.
+//!
+//! With `synchronous = NORMAL` a commit is not synced: a power cut or an OS crash loses what
+//! was committed since the WAL was last synced. Between copies this thread syncs the WAL every
+//! [`SYNC_EVERY`], which bounds that loss. (Copying every 50 ms, which synced it as often, cost
+//! three times the CPU: a page written again within the second is copied once.)
 //!
 //! A WAL starts over from its beginning only when a write transaction begins while it is
 //! copied to its end, which a writer that never pauses does not allow. So once the WAL is
@@ -28,17 +33,22 @@
 //!   copied since the last start-over. After each of its copies this thread starts writing the
 //!   copied pages out ([`start_writeback`]), without waiting, so little is left for that `fsync`.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 
 use super::{DbConnection, DbPool};
 
+/// How often the WAL is synced to disk: at most this much acknowledged work is lost to a power
+/// cut (README).
+const SYNC_EVERY: Duration = Duration::from_millis(50);
+
 /// How often the WAL is copied into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+pub const COPY_EVERY: Duration = Duration::from_secs(1);
 
 /// A WAL this long (in pages, 256 MiB) is started over at the writer's next commit.
 pub const WAL_LONG_PAGES: i64 = 65_536;
@@ -68,9 +78,13 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts the thread; it ends when the returned value is dropped. `long_pages` is
-    /// [`WAL_LONG_PAGES`] but in tests.
-    pub fn start(pool: DbPool, long_pages: i64) -> std::io::Result<Checkpointer> {
+    /// Starts the thread; it ends when the returned value is dropped. `long_pages` and
+    /// `copy_every` are [`WAL_LONG_PAGES`] and [`COPY_EVERY`] but in tests.
+    pub fn start(
+        pool: DbPool,
+        long_pages: i64,
+        copy_every: Duration,
+    ) -> std::io::Result<Checkpointer> {
         let (stop, stopped) = channel::<()>();
         let wal_long = Arc::new(AtomicBool::new(false));
         let long = wal_long.clone();
@@ -78,17 +92,36 @@ impl Checkpointer {
             .name("sqlite-checkpoint".into())
             .spawn(move || {
                 let mut passes = Passes::default();
-                let mut wait = CHECKPOINT_EVERY;
+                let mut wait = SYNC_EVERY;
+                let mut copied_at = Instant::now();
+                let mut sync_failing = false;
                 loop {
                     match stopped.recv_timeout(wait) {
                         Err(RecvTimeoutError::Timeout) => {}
                         _ => return,
                     }
+                    // Catching up with a long WAL (`wait` zero) copies at once.
+                    if !wait.is_zero() && copied_at.elapsed() < copy_every {
+                        match passes.sync_wal(&pool) {
+                            Ok(()) => sync_failing = false,
+                            // Once per outage: it is tried again every SYNC_EVERY.
+                            Err(e) if !sync_failing => {
+                                sync_failing = true;
+                                log::warn!(
+                                    "syncing the SQLite WAL to disk failed (tried again \
+                                     shortly; until then a power cut can lose more): {e}"
+                                );
+                            }
+                            Err(_) => {}
+                        }
+                        continue;
+                    }
+                    copied_at = Instant::now();
                     let outcome = pool
                         .get()
                         .map_err(|e| e.to_string())
                         .and_then(|mut conn| passes.run(&mut conn).map_err(|e| e.to_string()));
-                    wait = CHECKPOINT_EVERY;
+                    wait = SYNC_EVERY;
                     match outcome {
                         Ok(Some(pass)) => match passes.next(pass, long_pages) {
                             Next::Wait => {}
@@ -138,7 +171,7 @@ struct Pass {
 /// What the thread does after a checkpoint.
 #[derive(Debug, PartialEq, Eq)]
 enum Next {
-    /// The next one after [`CHECKPOINT_EVERY`].
+    /// The next one after [`COPY_EVERY`], with syncs in between.
     Wait,
     /// The WAL is long: copy again at once, to leave the writer little.
     Again,
@@ -151,6 +184,8 @@ enum Next {
 struct Passes {
     /// The database file, opened by path to write out what the checkpoints copy into it.
     db_file: Option<std::fs::File>,
+    /// Where the WAL is, once known: `Some(None)` for a database without a file.
+    wal_path: Option<Option<PathBuf>>,
     /// How much of the WAL had been copied at the last checkpoint.
     copied_to: i64,
     /// Checkpoints in a row so far while catching up with a long WAL.
@@ -183,6 +218,26 @@ impl Passes {
             wal: wal.log,
             copied,
         }))
+    }
+
+    /// Syncs the WAL file to disk, where there is one (opened each time: SQLite deletes it when
+    /// its last connection closes).
+    fn sync_wal(&mut self, pool: &DbPool) -> Result<(), String> {
+        if self.wal_path.is_none() {
+            let mut conn = pool.get().map_err(|e| e.to_string())?;
+            self.wal_path =
+                Some(database_path(&mut conn).map(|db| PathBuf::from(format!("{db}-wal"))));
+        }
+        let Some(Some(path)) = &self.wal_path else {
+            return Ok(());
+        };
+        match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(wal) => wal
+                .sync_data()
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
     }
 
     /// What follows checkpoint `pass`, for a WAL counted long at `long_pages`.
@@ -265,12 +320,13 @@ fn checkpoint(conn: &mut DbConnection) -> QueryResult<Option<WalPages>> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use diesel::connection::SimpleConnection;
 
     use super::*;
     use crate::db::{build_pool, sqlite_settings_in, PooledConn};
+
+    /// Copies as often as the WAL is synced, so that a test sees a long WAL soon.
+    const COPY_EVERY_IN_TESTS: Duration = SYNC_EVERY;
 
     /// A pool on a new SQLite file `t.db` in `dir` holding table `t`, and a connection of it.
     fn table_in(dir: &tempfile::TempDir) -> (DbPool, PooledConn) {
@@ -308,7 +364,7 @@ mod tests {
         const LONG: i64 = 64;
         let dir = tempfile::tempdir().unwrap();
         let (pool, mut conn) = table_in(&dir);
-        let checkpointer = Checkpointer::start(pool.clone(), LONG).unwrap();
+        let checkpointer = Checkpointer::start(pool.clone(), LONG, COPY_EVERY_IN_TESTS).unwrap();
 
         let started = Instant::now();
         let mut commits = 0u64;
@@ -319,7 +375,7 @@ mod tests {
         }
 
         // Every commit appends at least one page. The WAL is started over after the check that
-        // finds it long, up to CHECKPOINT_EVERY later: it holds what that much time writes.
+        // finds it long, up to COPY_EVERY_IN_TESTS later: it holds what that much time writes.
         let wal_pages = std::fs::metadata(dir.path().join("t.db-wal"))
             .unwrap()
             .len()
@@ -399,6 +455,55 @@ mod tests {
             "started over: {after:?} after {first:?}"
         );
         assert_eq!(after.copied, after.wal);
+    }
+
+    /// Between copies the WAL is only synced: the database file takes the commits once
+    /// [`COPY_EVERY`] has passed, not before.
+    #[test]
+    fn the_wal_is_synced_often_and_copied_once_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, mut conn) = table_in(&dir);
+        let db_file = dir.path().join("t.db");
+        let size = || std::fs::metadata(&db_file).unwrap().len();
+        let mut passes = Passes::default();
+        passes.run(&mut conn).unwrap();
+        let before = size();
+        let started = Instant::now();
+        let _checkpointer = Checkpointer::start(pool.clone(), WAL_LONG_PAGES, COPY_EVERY).unwrap();
+        for _ in 0..20 {
+            add_row(&mut conn);
+        }
+
+        std::thread::sleep(4 * SYNC_EVERY);
+        assert!(
+            started.elapsed() < COPY_EVERY,
+            "the machine is too slow for this test"
+        );
+        assert_eq!(size(), before, "nothing copied before a second has passed");
+        passes.sync_wal(&pool).unwrap();
+        assert_eq!(
+            passes.wal_path,
+            Some(Some(dir.path().join("t.db-wal"))),
+            "the WAL synced is the database's"
+        );
+
+        while size() == before {
+            assert!(
+                started.elapsed() < 10 * COPY_EVERY,
+                "the WAL was not copied in {:?}",
+                started.elapsed()
+            );
+            std::thread::sleep(SYNC_EVERY);
+        }
+        assert!(
+            started.elapsed() >= COPY_EVERY,
+            "copied after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            size() >= before + 20 * 1_000,
+            "the rows are in the database file"
+        );
     }
 
     #[derive(QueryableByName)]

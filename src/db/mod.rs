@@ -10,7 +10,7 @@ mod kept;
 pub mod models;
 pub mod schema;
 
-pub use checkpoint::{Checkpointer, WAL_LONG_PAGES};
+pub use checkpoint::{Checkpointer, COPY_EVERY, WAL_LONG_PAGES};
 
 use std::path::Path;
 use std::time::Duration;

@@ -24,7 +24,9 @@ use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 pub use messages::RunQuery;
 
 use crate::db::models::search;
-use crate::db::{Backend, Checkpointer, DbConnection, DbPool, PooledConn, WAL_LONG_PAGES};
+use crate::db::{
+    Backend, Checkpointer, DbConnection, DbPool, PooledConn, COPY_EVERY, WAL_LONG_PAGES,
+};
 use crate::error::ApiError;
 
 pub struct Persistence {
@@ -259,7 +261,11 @@ impl Db {
     pub fn start(pool: DbPool, backend: Backend, write_lanes: usize) -> std::io::Result<Db> {
         let threads = pool.max_size() as usize;
         let checkpointer = match backend {
-            Backend::Sqlite => Some(Arc::new(Checkpointer::start(pool.clone(), WAL_LONG_PAGES)?)),
+            Backend::Sqlite => Some(Arc::new(Checkpointer::start(
+                pool.clone(),
+                WAL_LONG_PAGES,
+                COPY_EVERY,
+            )?)),
             Backend::Postgres => None,
         };
         let start = |threads: usize, keep: bool, checkpointer: Option<Arc<Checkpointer>>| {
