@@ -112,11 +112,26 @@ impl DbUrl {
 pub struct ConnectionManager {
     url: DbUrl,
     busy_timeout: Duration,
+    /// SQLite: sync every commit (`synchronous = FULL`) rather than leave the WAL to the
+    /// checkpoint thread's syncs (`NORMAL`).
+    sync_every_commit: bool,
 }
 
 impl ConnectionManager {
     pub fn new(url: DbUrl, busy_timeout: Duration) -> Self {
-        ConnectionManager { url, busy_timeout }
+        ConnectionManager {
+            url,
+            busy_timeout,
+            sync_every_commit: false,
+        }
+    }
+
+    /// SQLite: whether each commit is synced to disk before it returns (`sqlite_synchronous`).
+    pub fn sync_every_commit(self, sync_every_commit: bool) -> Self {
+        ConnectionManager {
+            sync_every_commit,
+            ..self
+        }
     }
 
     pub fn establish(&self) -> Result<DbConnection, diesel::ConnectionError> {
@@ -131,10 +146,15 @@ impl ConnectionManager {
                 // No checkpoint inside a commit: [`Checkpointer`] does them on its own thread.
                 conn.batch_execute(&format!(
                     "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
-                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+                     PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; \
                      PRAGMA cache_size = -32768; PRAGMA wal_autocheckpoint = 0; \
                      PRAGMA journal_size_limit = {};",
                     self.busy_timeout.as_millis(),
+                    if self.sync_every_commit {
+                        "FULL"
+                    } else {
+                        "NORMAL"
+                    },
                     checkpoint::WAL_FILE_LIMIT_BYTES
                 ))
                 .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
@@ -181,7 +201,8 @@ pub fn build_pool(settings: &DatabaseSettings) -> anyhow::Result<(DbPool, Backen
     }
     let backend = url.backend;
     let redacted = url.redacted();
-    let manager = ConnectionManager::new(url, settings.busy_timeout.get());
+    let manager = ConnectionManager::new(url, settings.busy_timeout.get())
+        .sync_every_commit(settings.sqlite_synchronous == "full");
     // One connection first, alone. SQLite: WAL is a property of the file, set here before the
     // pool opens several connections at the same moment and they race for the lock it needs.
     // PostgreSQL: a server that is down or a wrong URL fails at once with the driver's reason,
@@ -288,6 +309,33 @@ mod tests {
             url.redacted(),
             "postgres://chat_user:***@db/chat?sslmode=disable"
         );
+    }
+
+    /// Each SQLite connection syncs as `sqlite_synchronous` says: every commit with `full`,
+    /// else only through the checkpoint thread (`NORMAL`).
+    #[test]
+    fn sqlite_connections_sync_as_the_settings_say() {
+        #[derive(QueryableByName)]
+        struct Level {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            synchronous: i32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // SQLite's numbers for NORMAL and FULL.
+        for (setting, level) in [("normal", 1), ("full", 2)] {
+            let settings = DatabaseSettings {
+                sqlite_synchronous: setting.into(),
+                ..sqlite_settings_in(dir.path())
+            };
+            let (pool, _) = build_pool(&settings).unwrap();
+            for _ in 0..2 {
+                let mut conn = pool.get().unwrap();
+                let found: Level = diesel::sql_query("PRAGMA synchronous")
+                    .get_result(&mut *conn)
+                    .unwrap();
+                assert_eq!(found.synchronous, level, "sqlite_synchronous = {setting}");
+            }
+        }
     }
 
     /// The two migration trees must hold the same migrations under the same names.

@@ -464,6 +464,36 @@ fn unknown_configuration_keys_are_named() {
     );
 }
 
+/// `DB_SQLITE_SYNCHRONOUS` takes `normal` or `full`. Anything else is refused with what it
+/// takes, before the database is touched.
+#[test]
+fn sqlite_synchronous_takes_normal_or_full() {
+    let db = TestDatabase::sqlite();
+    let file = db.url.trim_start_matches("sqlite://").to_string();
+    let out = run(
+        switchboard(&db.url, &[("DB_SQLITE_SYNCHRONOUS", "off")]),
+        &["check-db"],
+        "",
+    );
+    expect_exit(&out, 1, "DB_SQLITE_SYNCHRONOUS=off");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("DB_SQLITE_SYNCHRONOUS must be `normal` or `full`, got `off`"),
+        "{stderr}"
+    );
+    assert!(
+        !std::path::Path::new(&file).exists(),
+        "the refused run made the database"
+    );
+
+    let out = run(
+        switchboard(&db.url, &[("DB_SQLITE_SYNCHRONOUS", "full")]),
+        &["check-db"],
+        "",
+    );
+    expect_exit(&out, 0, "DB_SQLITE_SYNCHRONOUS=full");
+}
+
 #[test]
 fn json_logs_are_one_object_per_line() {
     let db = TestDatabase::sqlite();
