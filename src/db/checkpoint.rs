@@ -10,7 +10,9 @@
 //! With `synchronous = NORMAL` a commit is not synced: a power cut or an OS crash loses what
 //! was committed since the WAL was last synced. Between copies this thread syncs the WAL every
 //! [`SYNC_EVERY`], which bounds that loss. (Copying every 50 ms, which synced it as often, cost
-//! three times the CPU: a page written again within the second is copied once.)
+//! three times the CPU: a page written again within the second is copied once.) With
+//! `sqlite_synchronous = full` every commit is synced already and these syncs find nothing to
+//! write.
 //!
 //! A WAL starts over from its beginning only when a write transaction begins while it is
 //! copied to its end, which a writer that never pauses does not allow. So once the WAL is
