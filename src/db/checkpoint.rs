@@ -35,7 +35,7 @@
 //!   copied since the last start-over. After each of its copies this thread starts writing the
 //!   copied pages out ([`start_writeback`]), without waiting, so little is left for that `fsync`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -186,8 +186,8 @@ enum Next {
 struct Passes {
     /// The database file, opened by path to write out what the checkpoints copy into it.
     db_file: Option<std::fs::File>,
-    /// Where the WAL is, once known: `Some(None)` for a database without a file.
-    wal_path: Option<Option<PathBuf>>,
+    /// Where the database file is, once asked: `Some(None)` for a database without one.
+    db_path: Option<Option<PathBuf>>,
     /// How much of the WAL had been copied at the last checkpoint.
     copied_to: i64,
     /// Checkpoints in a row so far while catching up with a long WAL.
@@ -210,7 +210,10 @@ impl Passes {
         self.copied_to = wal.checkpointed;
         if copied > 0 {
             if self.db_file.is_none() {
-                self.db_file = database_path(conn).and_then(|path| std::fs::File::open(path).ok());
+                let file = self
+                    .db_path(conn)
+                    .and_then(|path| std::fs::File::open(path).ok());
+                self.db_file = file;
             }
             if let Some(file) = &self.db_file {
                 start_writeback(file);
@@ -225,21 +228,37 @@ impl Passes {
     /// Syncs the WAL file to disk, where there is one (opened each time: SQLite deletes it when
     /// its last connection closes).
     fn sync_wal(&mut self, pool: &DbPool) -> Result<(), String> {
-        if self.wal_path.is_none() {
+        if self.db_path.is_none() {
             let mut conn = pool.get().map_err(|e| e.to_string())?;
-            self.wal_path =
-                Some(database_path(&mut conn).map(|db| PathBuf::from(format!("{db}-wal"))));
+            self.db_path(&mut conn);
         }
-        let Some(Some(path)) = &self.wal_path else {
+        let Some(path) = self.wal_path() else {
             return Ok(());
         };
-        match std::fs::OpenOptions::new().write(true).open(path) {
+        match std::fs::OpenOptions::new().write(true).open(&path) {
             Ok(wal) => wal
                 .sync_data()
                 .map_err(|e| format!("{}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
+    }
+
+    /// The database's file, asked of `conn` until it answers.
+    fn db_path(&mut self, conn: &mut DbConnection) -> Option<&Path> {
+        if self.db_path.is_none() {
+            self.db_path = database_path(conn)
+                .ok()
+                .map(|found| found.map(PathBuf::from));
+        }
+        self.db_path.as_ref()?.as_deref()
+    }
+
+    /// The WAL's file beside the database's, once that is known.
+    fn wal_path(&self) -> Option<PathBuf> {
+        let mut wal = self.db_path.as_ref()?.as_ref()?.clone().into_os_string();
+        wal.push("-wal");
+        Some(wal.into())
     }
 
     /// What follows checkpoint `pass`, for a WAL counted long at `long_pages`.
@@ -281,7 +300,7 @@ fn start_writeback(file: &std::fs::File) {
 }
 
 /// The main database's file, where it has one.
-fn database_path(conn: &mut DbConnection) -> Option<String> {
+fn database_path(conn: &mut DbConnection) -> QueryResult<Option<String>> {
     #[derive(QueryableByName)]
     struct Database {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -290,12 +309,13 @@ fn database_path(conn: &mut DbConnection) -> Option<String> {
         file: String,
     }
     let DbConnection::Sqlite(conn) = conn else {
-        return None;
+        return Ok(None);
     };
-    let list: Vec<Database> = diesel::sql_query("PRAGMA database_list").load(conn).ok()?;
-    list.into_iter()
+    let list: Vec<Database> = diesel::sql_query("PRAGMA database_list").load(conn)?;
+    Ok(list
+        .into_iter()
         .find(|d| d.name == "main" && !d.file.is_empty())
-        .map(|d| d.file)
+        .map(|d| d.file))
 }
 
 /// What `PRAGMA wal_checkpoint` answers, in pages.
@@ -484,8 +504,8 @@ mod tests {
         assert_eq!(size(), before, "nothing copied before a second has passed");
         passes.sync_wal(&pool).unwrap();
         assert_eq!(
-            passes.wal_path,
-            Some(Some(dir.path().join("t.db-wal"))),
+            passes.wal_path(),
+            Some(dir.path().join("t.db-wal")),
             "the WAL synced is the database's"
         );
 

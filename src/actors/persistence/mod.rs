@@ -3,8 +3,8 @@
 //! Runs on a `SyncArbiter` with one thread per pooled connection (`DB_MAX_OPEN_CONNS`), because
 //! Diesel blocks. It owns the pool; everything else holds a [`Db`] handle and sends it work.
 //! Group commit has writers of its own: one thread per committer lane, which drains the lane's
-//! queue itself ([`committer`]) and keeps one pooled connection between batches (where the pool has as many again for reads), so that the
-//! connection that wrote last writes next (SQLite drops a connection's page cache whenever
+//! queue itself ([`committer`]) and keeps one pooled connection between batches (where the
+//! pool has as many again for reads), so that the connection that wrote last writes next (SQLite drops a connection's page cache whenever
 //! another connection has written since its last transaction) and PostgreSQL keeps its
 //! prepared statements.
 //! A SQLite writer also keeps the store in shape between units of work ([`Upkeep`]): it indexes
@@ -93,6 +93,37 @@ impl Persistence {
         }
     }
 
+    /// Runs one unit of work on this thread's connection: a panic costs only this unit, and a
+    /// writer's upkeep is scheduled after one that succeeded.
+    fn unit<T>(
+        &mut self,
+        ctx: &SyncContext<Self>,
+        work: impl FnOnce(&mut DbConnection) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let (mut conn, since) = self.connection()?;
+        match catch_unwind(AssertUnwindSafe(|| work(&mut conn))) {
+            // A unit of work that failed gives its connection back (see `give_back`).
+            Ok(result) => {
+                self.give_back(conn, since, result.is_ok());
+                if result.is_ok() {
+                    self.schedule_upkeep(ctx);
+                }
+                result
+            }
+            Err(panic) => {
+                log::error!("a database task panicked: {}", panic_message(&panic));
+                // Whatever the task left open must not reach the next user of this connection.
+                // A transaction Diesel opened also marks the connection broken (the pool drops
+                // it); one opened by raw SQL is only ended by this rollback.
+                use diesel::connection::SimpleConnection;
+                if conn.batch_execute("ROLLBACK").is_ok() {
+                    log::warn!("rolled back the transaction the panicked task left open");
+                }
+                Err(DbError::Panicked)
+            }
+        }
+    }
+
     /// A [`DoUpkeep`] waits in the mailbox.
     fn upkeep_queued(&self) -> bool {
         self.upkeep.as_ref().is_some_and(|u| u.queued)
@@ -178,39 +209,6 @@ impl<T: 'static> Handler<RunQuery<T>> for Persistence {
 
     fn handle(&mut self, msg: RunQuery<T>, ctx: &mut SyncContext<Self>) -> Self::Result {
         self.unit(ctx, msg.0)
-    }
-}
-
-impl Persistence {
-    /// Runs one unit of work on this thread's connection: a panic costs only this unit, and a
-    /// writer's upkeep is scheduled after one that succeeded.
-    fn unit<T>(
-        &mut self,
-        ctx: &SyncContext<Self>,
-        work: impl FnOnce(&mut DbConnection) -> Result<T, DbError>,
-    ) -> Result<T, DbError> {
-        let (mut conn, since) = self.connection()?;
-        match catch_unwind(AssertUnwindSafe(|| work(&mut conn))) {
-            // A unit of work that failed gives its connection back (see `give_back`).
-            Ok(result) => {
-                self.give_back(conn, since, result.is_ok());
-                if result.is_ok() {
-                    self.schedule_upkeep(ctx);
-                }
-                result
-            }
-            Err(panic) => {
-                log::error!("a database task panicked: {}", panic_message(&panic));
-                // Whatever the task left open must not reach the next user of this connection.
-                // A transaction Diesel opened also marks the connection broken (the pool drops
-                // it); one opened by raw SQL is only ended by this rollback.
-                use diesel::connection::SimpleConnection;
-                if conn.batch_execute("ROLLBACK").is_ok() {
-                    log::warn!("rolled back the transaction the panicked task left open");
-                }
-                Err(DbError::Panicked)
-            }
-        }
     }
 }
 
