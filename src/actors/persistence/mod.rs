@@ -4,9 +4,9 @@
 //! Diesel blocks. It owns the pool; everything else holds a [`Db`] handle and sends it work.
 //! Group commit has writers of its own: one thread per committer lane, which drains the lane's
 //! queue itself ([`committer`]) and keeps one pooled connection between batches (where the
-//! pool has as many again for reads), so that the connection that wrote last writes next (SQLite drops a connection's page cache whenever
-//! another connection has written since its last transaction) and PostgreSQL keeps its
-//! prepared statements.
+//! pool has as many again for reads), so that the connection that wrote last writes next
+//! (SQLite drops a connection's page cache whenever another connection has written since its
+//! last transaction) and PostgreSQL keeps its prepared statements.
 //! A SQLite writer also keeps the store in shape between units of work ([`Upkeep`]): it indexes
 //! new messages for search in batches and starts a long WAL over.
 //! A panic inside a unit of work is caught here: the caller gets `DbError::Panicked`, the thread
