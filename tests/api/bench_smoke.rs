@@ -106,6 +106,41 @@ impl Drop for Hub {
     }
 }
 
+/// The cells under `header` in the tables of `out` (markdown, one row per line).
+fn column(out: &str, header: &str) -> Vec<String> {
+    let cells = |line: &str| -> Vec<String> {
+        line.trim()
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let mut found = Vec::new();
+    let mut at = None;
+    for line in out.lines().filter(|l| l.trim_start().starts_with('|')) {
+        let row = cells(line);
+        if let Some(i) = row.iter().position(|c| c == header) {
+            at = Some(i);
+        } else if row.iter().all(|c| c.chars().all(|ch| "-:".contains(ch))) {
+            continue;
+        } else if let Some(i) = at {
+            found.extend(row.get(i).cloned());
+        }
+    }
+    found
+}
+
+/// Every cell under "server writes MB/s" is a rate (the server's `/proc/<pid>/io` is readable:
+/// it is this test's own process).
+fn assert_writes_shown(out: &str) {
+    let writes = column(out, "server writes MB/s");
+    assert!(!writes.is_empty(), "no writes column:\n{out}");
+    for cell in &writes {
+        let rate: f64 = cell.parse().unwrap_or_else(|_| panic!("{cell:?}:\n{out}"));
+        assert!(rate >= 0.0, "{out}");
+    }
+}
+
 fn with(base: &[String], more: &[&str]) -> Vec<String> {
     more.iter()
         .map(|s| s.to_string())
@@ -177,6 +212,7 @@ async fn small_rooms_deliver_to_customer_and_watcher() {
     ];
     let out = loadgen(with(&args, &scenario)).await;
     assert!(out.contains("Small rooms"), "{out}");
+    assert_writes_shown(&out);
     let hub = Hub::start();
     loadgen(with(&hub.args, &scenario)).await;
 }
@@ -206,5 +242,6 @@ async fn acknowledged_messages_are_counted_with_and_without_group_commit() {
         ];
         let out = loadgen(with(&args, &scenario)).await;
         assert!(out.contains("Persistence"), "{out}");
+        assert_writes_shown(&out);
     }
 }

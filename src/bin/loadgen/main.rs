@@ -1,7 +1,7 @@
 //! `switchboard-loadgen`: opens many WebSocket connections to switchboard, to the minimal hub
 //! (`switchboard-plain-hub`) or to a Socket.IO server, sends on a fixed schedule and reports
 //! latency (from the scheduled send time, so a slow server cannot hide its queueing), delivery
-//! rate, errors, and the server's CPU and memory read from `/proc/<pid>`.
+//! rate, errors, and the server's CPU, memory and file writes read from `/proc/<pid>`.
 //!
 //! The process that is started coordinates: it sets up accounts and conversations, then starts
 //! worker processes of its own binary (`worker`), each holding a share of the connections on one
@@ -50,7 +50,7 @@ struct Common {
     /// Its address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
-    /// Its process id, to read CPU time and memory from /proc.
+    /// Its process id, to read CPU time, memory and file writes from /proc.
     #[arg(long)]
     pid: Option<u32>,
     /// Name of the run in the table title (e.g. "switchboard, PostgreSQL").

@@ -1,4 +1,5 @@
-//! CPU time and memory of a process, from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+//! CPU time, memory and file writes of a process, from `/proc/<pid>/stat`, `/proc/<pid>/status`
+//! and `/proc/<pid>/io`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +38,21 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Bytes `pid` has written to files (`write_bytes` of `/proc/<pid>/io`), counted as they enter
+/// the page cache on their way to the disk; a file in memory (tmpfs) counts nothing. `None`
+/// where the file cannot be read (another user's process).
+pub fn write_bytes(pid: &str) -> Option<u64> {
+    parse_write_bytes(&std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?)
+}
+
+fn parse_write_bytes(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The one-minute load average.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -50,6 +66,7 @@ pub struct Sample {
     pub at_us: u64,
     pub cpu_ticks: u64,
     pub rss_kib: u64,
+    pub write_bytes: Option<u64>,
 }
 
 /// Samples a process every `every` until dropped.
@@ -76,6 +93,7 @@ impl Sampler {
                         at_us: clock.now_us(),
                         cpu_ticks,
                         rss_kib,
+                        write_bytes: write_bytes(&id),
                     });
                 }
             }
@@ -89,6 +107,7 @@ impl Sampler {
             at_us: clock.now_us(),
             cpu_ticks: cpu_ticks(&self.pid).unwrap_or(0),
             rss_kib: rss_kib(&self.pid).unwrap_or(0),
+            write_bytes: write_bytes(&self.pid),
         }
     }
 
@@ -105,22 +124,32 @@ impl Sampler {
             .unwrap_or_default()
     }
 
-    /// Server CPU use within `[from, to]`, in percent of one core, and the largest RSS seen.
+    /// Server CPU use within `[from, to]`, in percent of one core, the largest RSS seen, and
+    /// how fast it wrote to files.
     pub fn usage(&self, from_us: u64, to_us: u64) -> Usage {
-        let s = self.between(from_us, to_us);
-        let (Some(first), Some(last)) = (s.first(), s.last()) else {
-            return Usage::default();
-        };
-        let seconds = (last.at_us - first.at_us) as f64 / 1e6;
-        let cpu = if seconds > 0.0 {
-            (last.cpu_ticks - first.cpu_ticks) as f64 / ticks_per_second() / seconds * 100.0
-        } else {
-            0.0
-        };
-        Usage {
-            cpu_percent: cpu,
-            rss_max_kib: s.iter().map(|x| x.rss_kib).max().unwrap_or(0),
-        }
+        usage_of(&self.between(from_us, to_us))
+    }
+}
+
+/// What `s`, samples in time order, show: see [`Sampler::usage`].
+fn usage_of(s: &[Sample]) -> Usage {
+    let (Some(first), Some(last)) = (s.first(), s.last()) else {
+        return Usage::default();
+    };
+    let seconds = (last.at_us - first.at_us) as f64 / 1e6;
+    let cpu = if seconds > 0.0 {
+        (last.cpu_ticks - first.cpu_ticks) as f64 / ticks_per_second() / seconds * 100.0
+    } else {
+        0.0
+    };
+    let write_mb_per_s = match (first.write_bytes, last.write_bytes) {
+        (Some(a), Some(b)) if seconds > 0.0 => Some(b.saturating_sub(a) as f64 / 1e6 / seconds),
+        _ => None,
+    };
+    Usage {
+        cpu_percent: cpu,
+        rss_max_kib: s.iter().map(|x| x.rss_kib).max().unwrap_or(0),
+        write_mb_per_s,
     }
 }
 
@@ -134,4 +163,49 @@ impl Drop for Sampler {
 pub struct Usage {
     pub cpu_percent: f64,
     pub rss_max_kib: u64,
+    /// Megabytes (10^6 bytes) written to files per second; `None` where `/proc/<pid>/io` could
+    /// not be read.
+    pub write_mb_per_s: Option<f64>,
+}
+
+impl Usage {
+    /// The write rate as a table cell: one decimal, or "-" where it is not known.
+    pub fn writes_cell(&self) -> String {
+        self.write_mb_per_s
+            .map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_bytes_is_read_from_its_own_line() {
+        let io = "rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 4096\n\
+                  write_bytes: 123456\ncancelled_write_bytes: 789\n";
+        assert_eq!(parse_write_bytes(io), Some(123456));
+        assert_eq!(parse_write_bytes("cancelled_write_bytes: 789\n"), None);
+        assert_eq!(parse_write_bytes("write_bytes: many\n"), None);
+    }
+
+    #[test]
+    fn the_own_process_has_a_write_count() {
+        assert!(write_bytes("self").is_some());
+    }
+
+    #[test]
+    fn the_write_rate_spans_the_first_and_last_samples() {
+        let usage = |a, b| {
+            let sample = |at_us, write_bytes| Sample {
+                at_us,
+                cpu_ticks: 0,
+                rss_kib: 1,
+                write_bytes,
+            };
+            usage_of(&[sample(0, a), sample(1_000_000, None), sample(2_000_000, b)])
+        };
+        assert_eq!(usage(Some(1_000_000), Some(9_000_000)).writes_cell(), "4.0");
+        assert_eq!(usage(None, Some(9_000_000)).writes_cell(), "-");
+    }
 }

@@ -430,6 +430,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             "errors",
             "server CPU %",
             "server RSS MiB",
+            "server writes MB/s",
             "loadgen CPU %",
         ],
     );
@@ -453,6 +454,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             m.errors_text(),
             format!("{:.0}", usage.cpu_percent),
             mib(usage.rss_max_kib),
+            usage.writes_cell(),
             format!(
                 "{:.0}",
                 cpu_of(m.cpu_ticks, seconds + r.drain.as_secs_f64())
@@ -624,6 +626,7 @@ pub async fn persist(ctx: &Ctx, p: &Persist) -> anyhow::Result<Vec<String>> {
             "errors",
             "server CPU %",
             "server RSS MiB",
+            "server writes MB/s",
         ],
     );
     t.row(vec![
@@ -635,6 +638,7 @@ pub async fn persist(ctx: &Ctx, p: &Persist) -> anyhow::Result<Vec<String>> {
         m.errors_text(),
         format!("{:.0}", usage.cpu_percent),
         mib(usage.rss_max_kib),
+        usage.writes_cell(),
     ]);
     if m.acked == 0 || m.error_count() > 0 {
         problems.push(format!(
