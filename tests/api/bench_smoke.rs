@@ -106,36 +106,20 @@ impl Drop for Hub {
     }
 }
 
-/// The cells under `header` in the tables of `out` (markdown, one row per line).
-fn column(out: &str, header: &str) -> Vec<String> {
-    let cells = |line: &str| -> Vec<String> {
-        line.trim()
-            .trim_matches('|')
-            .split('|')
-            .map(|c| c.trim().to_string())
-            .collect()
-    };
-    let mut found = Vec::new();
-    let mut at = None;
-    for line in out.lines().filter(|l| l.trim_start().starts_with('|')) {
-        let row = cells(line);
-        if let Some(i) = row.iter().position(|c| c == header) {
-            at = Some(i);
-        } else if row.iter().all(|c| c.chars().all(|ch| "-:".contains(ch))) {
-            continue;
-        } else if let Some(i) = at {
-            found.extend(row.get(i).cloned());
-        }
-    }
-    found
-}
-
-/// Every cell under "server writes MB/s" is a rate (the server's `/proc/<pid>/io` is readable:
-/// it is this test's own process).
+/// Every row of every table in `out` (the loadgen's `--json` lines) shows the server's writes
+/// as a rate: the server's `/proc/<pid>/io` is readable, it is this test's own process.
 fn assert_writes_shown(out: &str) {
-    let writes = column(out, "server writes MB/s");
-    assert!(!writes.is_empty(), "no writes column:\n{out}");
-    for cell in &writes {
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("json "))
+        .flat_map(|doc| {
+            let doc: serde_json::Value = serde_json::from_str(doc).expect("a json line");
+            doc["rows"].as_array().cloned().unwrap_or_default()
+        })
+        .collect();
+    assert!(!rows.is_empty(), "no table rows:\n{out}");
+    for row in &rows {
+        let cell = row["server writes MB/s"].as_str().unwrap_or_default();
         let rate: f64 = cell.parse().unwrap_or_else(|_| panic!("{cell:?}:\n{out}"));
         assert!(rate >= 0.0, "{out}");
     }
@@ -209,6 +193,7 @@ async fn small_rooms_deliver_to_customer_and_watcher() {
         "0",
         "--per-worker",
         "10",
+        "--json",
     ];
     let out = loadgen(with(&args, &scenario)).await;
     assert!(out.contains("Small rooms"), "{out}");
@@ -239,6 +224,7 @@ async fn acknowledged_messages_are_counted_with_and_without_group_commit() {
             "1",
             "--drain",
             "1",
+            "--json",
         ];
         let out = loadgen(with(&args, &scenario)).await;
         assert!(out.contains("Persistence"), "{out}");
