@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
+use switchboard::db::models::message::{self, NewMessage, Rejected};
 use switchboard::db::models::Role;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
@@ -348,6 +349,122 @@ async fn a_resent_client_id_is_acked_again_and_stored_once() {
         .filter(|m| m["role"] == "user")
         .count();
     assert_eq!(users, 1);
+}
+
+/// Every case the group commit meets, in one batch handed straight to the store (PostgreSQL
+/// stores a batch with one statement of its own, SQLite in a transaction; both run this).
+#[tokio::test]
+async fn one_batch_of_every_kind_of_message_is_stored_by_the_delivery_contract() {
+    let app = spawn_app().await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let (other_token, _, other) = customer_with_session(&app).await;
+    let closed = app.create_session(&token, "closed").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin = app.user("admin@example.com", Role::Admin).await;
+    let res = app
+        .post(
+            &format!("/api/v1/admin/chat/sessions/{closed}/close"),
+            &admin.access_token,
+        )
+        .await;
+    assert!(res.status().is_success(), "closing: {}", res.status());
+
+    let msg = |session: &str, client_id: Option<&str>, content: &str| NewMessage {
+        session_id: session.to_string(),
+        role: "user",
+        author_id: None,
+        content: content.to_string(),
+        client_id: client_id.map(str::to_string),
+        interrupted: false,
+        model: None,
+        tokens: None,
+    };
+    let before = vec![msg(&sid, Some("a"), "first a")];
+    let stored = app
+        .with_db(move |c| message::append_batch(c, &before))
+        .await
+        .expect("the first batch");
+    assert_eq!(stored[0].as_ref().unwrap().message.seq, 1);
+
+    let batch = vec![
+        msg(&sid, Some("b"), "b"),
+        msg(&sid, Some("a"), "a again"),
+        msg(&other, Some("a"), "a elsewhere"),
+        msg(&sid, Some("b"), "b again"),
+        msg("no-such-conversation", Some("x"), "nowhere"),
+        msg(&closed, Some("c"), "too late"),
+        msg(&sid, None, "no client id"),
+        msg(&sid, None, "no client id"),
+    ];
+    let outcomes = app
+        .with_db(move |c| message::append_batch(c, &batch))
+        .await
+        .expect("the batch");
+    let summary: Vec<String> = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(a) => format!(
+                "{} {} {} {}",
+                if a.message.session_id == sid {
+                    "sid"
+                } else {
+                    "other"
+                },
+                a.message.seq,
+                a.message.content,
+                if a.duplicate { "duplicate" } else { "new" }
+            ),
+            Err(Rejected::SessionNotFound) => "not found".into(),
+            Err(Rejected::SessionNotActive(status)) => format!("not active: {status}"),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "sid 2 b new",
+            "sid 1 first a duplicate",
+            "other 1 a elsewhere new",
+            "sid 2 b duplicate",
+            "not found",
+            "not active: closed",
+            "sid 3 no client id new",
+            "sid 4 no client id new",
+        ]
+    );
+
+    // What a reader sees: each stored once, in seq order; nothing in the closed conversation.
+    let contents = |rows: Vec<Value>| -> Vec<(i64, String)> {
+        rows.iter()
+            .map(|m| {
+                (
+                    m["seq"].as_i64().unwrap(),
+                    m["content"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        contents(history(&app, &token, &sid).await),
+        [
+            (1, "first a".to_string()),
+            (2, "b".to_string()),
+            (3, "no client id".to_string()),
+            (4, "no client id".to_string()),
+        ]
+    );
+    assert_eq!(
+        contents(history(&app, &other_token, &other).await),
+        [(1, "a elsewhere".to_string())]
+    );
+    assert_eq!(app.message_count(&closed).await, 0);
+
+    // The conversations' newest seq moved on with the batch: the next message over the
+    // socket follows it.
+    let mut ws = WsClient::customer(&app, &token).await;
+    ws.send_message(&sid, "after", "after the batch").await;
+    assert_eq!(ws.next_of("ack").await["seq"], 5);
 }
 
 /// The seqs a client saw stored messages under: `message` and `reply_done` frames.
