@@ -215,16 +215,9 @@ async fn refused(ws: &mut WsClient, frame: Message, code: &str) -> Value {
     error
 }
 
-fn text(value: Value) -> Message {
-    Message::Text(value.to_string())
-}
-
-#[tokio::test]
-async fn bad_frames_are_refused_and_the_connection_stays_usable() {
-    let app = spawn_app().await;
-    let (token, _, sid) = customer_with_session(&app).await;
-    let (_, _, other_sid) = customer_with_session(&app).await;
-    let closed = app.create_session(&token, "closed").await["id"]
+/// A conversation of the customer with `token`, closed by an admin.
+async fn closed_session(app: &TestApp, token: &str) -> String {
+    let closed = app.create_session(token, "closed").await["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -236,6 +229,19 @@ async fn bad_frames_are_refused_and_the_connection_stays_usable() {
         )
         .await;
     assert!(res.status().is_success(), "closing: {}", res.status());
+    closed
+}
+
+fn text(value: Value) -> Message {
+    Message::Text(value.to_string())
+}
+
+#[tokio::test]
+async fn bad_frames_are_refused_and_the_connection_stays_usable() {
+    let app = spawn_app().await;
+    let (token, _, sid) = customer_with_session(&app).await;
+    let (_, _, other_sid) = customer_with_session(&app).await;
+    let closed = closed_session(&app, &token).await;
 
     let mut ws = WsClient::customer(&app, &token).await;
     let max = app.settings.chat.max_message_bytes;
@@ -351,25 +357,14 @@ async fn a_resent_client_id_is_acked_again_and_stored_once() {
     assert_eq!(users, 1);
 }
 
-/// Every case the group commit meets, in one batch handed straight to the store (PostgreSQL
-/// stores a batch with one statement of its own, SQLite in a transaction; both run this).
+/// Every case the group commit meets, in one batch handed straight to the store, as the
+/// committer hands it (the suite runs this on SQLite and on PostgreSQL).
 #[tokio::test]
 async fn one_batch_of_every_kind_of_message_is_stored_by_the_delivery_contract() {
     let app = spawn_app().await;
     let (token, _, sid) = customer_with_session(&app).await;
     let (other_token, _, other) = customer_with_session(&app).await;
-    let closed = app.create_session(&token, "closed").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let admin = app.user("admin@example.com", Role::Admin).await;
-    let res = app
-        .post(
-            &format!("/api/v1/admin/chat/sessions/{closed}/close"),
-            &admin.access_token,
-        )
-        .await;
-    assert!(res.status().is_success(), "closing: {}", res.status());
+    let closed = closed_session(&app, &token).await;
 
     let msg = |session: &str, client_id: Option<&str>, content: &str| NewMessage {
         session_id: session.to_string(),
