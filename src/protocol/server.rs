@@ -69,8 +69,9 @@ pub enum ServerFrame {
         queue: Vec<SessionSummary>,
         agents_online: Vec<AgentView>,
     },
-    /// Staff: a conversation changed.
-    SessionUpdate { session: SessionSummary },
+    /// Staff: the conversations that changed since the last such frame, each once, with its
+    /// latest state.
+    SessionUpdates { sessions: Vec<SessionSummary> },
     /// Staff: the human queue, oldest request first.
     Queue { sessions: Vec<SessionSummary> },
     /// Staff: the agents and admins connected now.

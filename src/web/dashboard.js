@@ -148,12 +148,14 @@
         renderLists();
         renderHead();
         break;
-      case "session_update":
-        sessions.set(f.session.session_id, f.session);
-        queue = queue.map((s) => (s.session_id === f.session.session_id ? f.session : s));
+      case "session_updates": {
+        const changed = new Map((f.sessions || []).map((s) => [s.session_id, s]));
+        for (const [id, s] of changed) sessions.set(id, s);
+        queue = queue.map((s) => changed.get(s.session_id) || s);
         renderLists();
-        if (f.session.session_id === current) renderHead();
+        if (changed.has(current)) renderHead();
         break;
+      }
       case "queue":
         queue = f.sessions || [];
         for (const s of queue) sessions.set(s.session_id, s);

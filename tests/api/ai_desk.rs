@@ -9,7 +9,8 @@ use switchboard::db::models::Role;
 use crate::ai_http::{read_sse_until, sse_events};
 use crate::fake_http::{openai_error, FakeServer};
 use crate::helpers::{
-    assert_error, customer_with_session, expect_json, spawn_app_with, stored_messages, TestApp,
+    assert_error, customer_with_session, expect_json, spawn_app_with, stored_messages, updated,
+    TestApp,
 };
 use crate::providers::use_openai;
 use crate::ws::WsClient;
@@ -201,12 +202,8 @@ async fn a_takeover_drops_a_burst_waiting_for_its_turn_and_ends_its_question() {
         &json!({"session_id": sid, "message": "hello"}),
     );
     // Stored (the dashboards see it), its answer waiting for the burst to end.
-    desk.until(|f| {
-        f["type"] == "session_update"
-            && f["session"]["session_id"] == sid
-            && f["session"]["last_seq"] == 1
-    })
-    .await;
+    desk.until(|f| updated(f, &sid).is_some_and(|s| s["last_seq"] == 1))
+        .await;
     desk.send(&json!({"type": "close", "session_id": sid}))
         .await;
     assert_error(waiting.await.unwrap(), 409, "session_not_active").await;

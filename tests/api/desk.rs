@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
-use crate::helpers::{spawn_app, spawn_app_with, stored_messages, tokens_text, Signed, TestApp};
+use crate::helpers::{
+    spawn_app, spawn_app_with, stored_messages, tokens_text, updated, Signed, TestApp,
+};
 use crate::ws::WsClient;
 
 fn millis(ms: u64) -> HumanDuration {
@@ -39,16 +41,10 @@ async fn error_code(ws: &mut WsClient, sid: Option<&str>) -> String {
         .to_string()
 }
 
-/// Reads until a `session_update` for `sid` satisfies `check`.
+/// Reads until a `session_updates` frame holds a summary of `sid` that satisfies `check`.
 async fn update_where(ws: &mut WsClient, sid: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let frames = ws
-        .until(|f| {
-            f["type"] == "session_update"
-                && f["session"]["session_id"] == sid
-                && check(&f["session"])
-        })
-        .await;
-    frames.last().unwrap()["session"].clone()
+    let frames = ws.until(|f| updated(f, sid).is_some_and(&check)).await;
+    updated(frames.last().unwrap(), sid).unwrap().clone()
 }
 
 #[tokio::test]
@@ -164,7 +160,7 @@ async fn watching_gives_the_history_then_the_answer_as_the_customer_sees_it() {
 
     let mine: Vec<&Value> = watched
         .iter()
-        .filter(|f| f["session_id"] == sid && f["type"] != "session_update")
+        .filter(|f| f["session_id"] == sid && f["type"] != "session_updates")
         .collect();
     assert_eq!(mine[0]["type"], "message", "{mine:?}");
     assert_eq!(mine[0]["seq"], 1);
@@ -745,4 +741,50 @@ async fn desk_frames_count_against_the_sockets_frame_budget() {
         .find(|f| f["type"] == "error")
         .unwrap_or_else(|| panic!("no error before the close: {drained:?}"));
     assert_eq!(last_error["code"], "rate_limited", "{last_error}");
+}
+
+#[tokio::test]
+async fn conversations_that_change_together_reach_a_dashboard_in_one_frame() {
+    let app = spawn_app().await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut sids = Vec::new();
+    for _ in 0..20 {
+        sids.push(customer(&app).await.1);
+    }
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+
+    // One message into each conversation at once (an agent's, so that no AI answer follows).
+    let posts = sids
+        .iter()
+        .map(|sid| app.post_message(&agent.access_token, sid, "on my way", None));
+    for res in futures_util::future::join_all(posts).await {
+        assert_eq!(res.status(), 201);
+    }
+
+    let mut waiting: Vec<&String> = sids.iter().collect();
+    let mut frames = 0;
+    while !waiting.is_empty() {
+        let frame = desk_ws.next().await;
+        let before = waiting.len();
+        waiting.retain(|sid| updated(&frame, sid).is_none_or(|s| s["last_seq"] != 1));
+        if waiting.len() < before {
+            frames += 1;
+            let ids: Vec<&str> = frame["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["session_id"].as_str().unwrap())
+                .collect();
+            let mut unique = ids.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), ids.len(), "each conversation once: {frame}");
+        }
+    }
+    // Gathered every 200 ms: unless the burst took seconds, some frame held several.
+    assert!(
+        frames < sids.len(),
+        "20 conversations changed at once came in {frames} frames"
+    );
 }

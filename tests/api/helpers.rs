@@ -580,6 +580,17 @@ pub fn tokens_text(frames: &[Value]) -> String {
         .collect()
 }
 
+/// The summary of conversation `sid` in a dashboard's `session_updates` frame, if it holds one.
+pub fn updated<'a>(frame: &'a Value, sid: &str) -> Option<&'a Value> {
+    if frame["type"] != "session_updates" {
+        return None;
+    }
+    frame["sessions"]
+        .as_array()?
+        .iter()
+        .find(|s| s["session_id"] == sid)
+}
+
 /// The stored messages of a conversation, oldest first, through the REST API.
 pub async fn stored_messages(app: &TestApp, token: &str, session_id: &str) -> Vec<Value> {
     let page = expect_json(

@@ -314,11 +314,11 @@ impl SessionManager {
                     return;
                 }
             };
-            for s in changed {
-                let frame = ServerFrame::SessionUpdate {
-                    session: act.summary_view(s),
-                };
-                act.tell_staff(&frame);
+            // One frame for all of them: each dashboard costs a frame per flush, however many
+            // conversations changed.
+            if !changed.is_empty() {
+                let sessions = changed.into_iter().map(|s| act.summary_view(s)).collect();
+                act.tell_staff(&ServerFrame::SessionUpdates { sessions });
             }
             if let Some(queue) = queue {
                 let sessions = queue.into_iter().map(|s| act.summary_view(s)).collect();

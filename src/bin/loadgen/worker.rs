@@ -497,7 +497,7 @@ impl Conn {
                 return;
             }
             // Only the `message` frame is a delivery. Staff sockets also get the dashboard's
-            // `session_update`, whose `last_message` repeats the marked text a flush later:
+            // `session_updates`, whose `last_message` repeats the marked text a flush later:
             // counting it would count a message twice and hide one that never came.
             if !text.starts_with(r#"{"type":"message""#) {
                 return;
