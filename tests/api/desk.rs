@@ -788,3 +788,57 @@ async fn conversations_that_change_together_reach_a_dashboard_in_one_frame() {
         "20 conversations changed at once came in {frames} frames"
     );
 }
+
+/// The conversation's summary as a dashboard opened now reads it: from the database.
+async fn fresh_summary(app: &TestApp, token: &str, sid: &str) -> Value {
+    let mut ws = WsClient::staff(app, token).await;
+    let snapshot = ws.next_of("snapshot").await;
+    snapshot["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["session_id"] == sid)
+        .unwrap_or_else(|| panic!("{sid} in the snapshot: {snapshot}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn the_summaries_of_new_messages_match_what_the_database_holds() {
+    let app = spawn_app().await;
+    let (guest, sid) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &guest.access_token).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+    // Taken over, so that no AI answer follows the customer's messages.
+    ask(&mut desk_ws, "takeover", &sid).await;
+    update_where(&mut desk_ws, &sid, |s| s["mode"] == "human").await;
+
+    let is_last = |content: &'static str| move |s: &Value| s["last_message"]["content"] == content;
+    let steps = [
+        ("customer", "first question"),
+        ("customer", "second question"),
+        ("agent", "an answer"),
+        ("customer", "a follow-up"),
+    ];
+    for (i, (who, content)) in steps.into_iter().enumerate() {
+        if who == "customer" {
+            cust.send_message(&sid, &format!("c-{i}"), content).await;
+        } else {
+            let res = app
+                .post_message(&agent.access_token, &sid, content, None)
+                .await;
+            assert_eq!(res.status(), 201);
+        }
+        let live = update_where(&mut desk_ws, &sid, is_last(content)).await;
+        let stored = fresh_summary(&app, &agent.access_token, &sid).await;
+        assert_eq!(live, stored, "after the {who}'s {content:?}");
+    }
+    // What the steps went through: waiting since the first unanswered question, then not.
+    let last = fresh_summary(&app, &agent.access_token, &sid).await;
+    assert_eq!(last["last_message"]["role"], "user", "{last}");
+    assert_eq!(
+        last["waiting_since"], last["last_message"]["created_at"],
+        "{last}"
+    );
+}

@@ -6,10 +6,12 @@
 //! cannot both win a takeover.
 //!
 //! Dashboard updates are gathered and sent together every [`FLUSH_EVERY`]: one read of the
-//! changed conversations' summaries however many events touched them.
+//! changed conversations' summaries however many events touched them. A conversation changed
+//! only by new messages is not read again: the messages are applied to the summary the desk
+//! read last, if it was read within [`KNOWN_FOR`] ([`Desk::message_stored`]).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::NaiveDateTime;
@@ -17,13 +19,18 @@ use chrono::NaiveDateTime;
 use super::messages::*;
 use super::{Census, SessionManager};
 use crate::actors::persistence::DbError;
-use crate::db::models::desk::{self, Refused, Summary};
+use crate::db::models::desk::{self, LastMessage, Refused, Summary, PREVIEW_CHARS};
 use crate::db::models::session::{self, StatusChange, ACTIVE, MODE_HUMAN};
-use crate::db::models::{serialize_time_string, ChatSession, Role};
+use crate::db::models::{serialize_time_string, ChatMessage, ChatSession, Role};
 use crate::protocol::{AgentView, CustomerView, LastMessageView, ServerFrame, SessionSummary};
 
 /// How often changed conversations are sent to the dashboards.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// The most summaries the desk keeps for applying new messages to; past it, it starts again.
+const KNOWN_MAX: usize = 50_000;
+/// How long a summary read is used for applying new messages to. Another node's changes
+/// reach this node's dashboards with the next read of the conversation, so at most this late.
+const KNOWN_FOR: Duration = Duration::from_secs(10);
 /// When ending a wait for a human could not be stored, the next try comes this much later.
 const RETRY_WAIT_OVER: Duration = Duration::from_secs(5);
 
@@ -79,9 +86,20 @@ pub struct Desk {
     timers: HashMap<String, SpawnHandle>,
     /// Waiting for a human, a customer wrote and the AI kept silent: answer when the wait ends.
     missed: HashSet<String>,
-    /// Conversations changed since the last flush.
+    /// Conversations changed since the last flush, to be read again.
     dirty: HashSet<String>,
     queue_dirty: bool,
+    /// The summaries read by the flushes while dashboards were open, by conversation, and
+    /// when each was read. Kept only while every change is tracked: emptied when the last
+    /// dashboard closes, and each read again after [`KNOWN_FOR`].
+    known: HashMap<String, (Summary, Instant)>,
+    /// Conversations changed since the last flush only by new messages, applied in `known`.
+    patched: HashSet<String>,
+    /// Conversations a flush is reading now. A message stored meanwhile may be missing from
+    /// what it reads, so it is left to the next read, which starts after its commit.
+    reading: HashSet<String>,
+    /// Counts the times `known` was emptied: a read started before that is not kept.
+    known_epoch: u64,
 }
 
 impl Desk {
@@ -96,6 +114,10 @@ impl Desk {
             missed: HashSet::new(),
             dirty: HashSet::new(),
             queue_dirty: false,
+            known: HashMap::new(),
+            patched: HashSet::new(),
+            reading: HashSet::new(),
+            known_epoch: 0,
         }
     }
 
@@ -120,11 +142,59 @@ impl Desk {
         }
     }
 
-    /// Marks a conversation as changed, for the next flush to the dashboards.
+    /// Marks a conversation as changed, for the next flush to read and send to the dashboards.
     pub fn touch(&mut self, session_id: &str) {
         if !self.staff.is_empty() {
             self.dirty.insert(session_id.to_string());
         }
+    }
+
+    /// A new message was stored: it is applied to the conversation's summary when the desk
+    /// holds one that nothing else has changed since, else the next flush reads the
+    /// conversation again.
+    pub fn message_stored(&mut self, m: &ChatMessage) {
+        if self.staff.is_empty() || self.dirty.contains(&m.session_id) {
+            return;
+        }
+        let known = if self.reading.contains(&m.session_id) {
+            None
+        } else {
+            self.known
+                .get_mut(&m.session_id)
+                .filter(|(_, read_at)| read_at.elapsed() < KNOWN_FOR)
+        };
+        let Some((summary, _)) = known else {
+            self.dirty.insert(m.session_id.clone());
+            return;
+        };
+        if m.seq <= summary.session.last_seq {
+            return;
+        }
+        summary.session.last_seq = m.seq;
+        summary.session.updated_at = m.created_at;
+        summary.last_message = Some(LastMessage {
+            seq: m.seq,
+            role: m.role.clone(),
+            content: m.content.chars().take(PREVIEW_CHARS).collect(),
+            created_at: m.created_at,
+        });
+        // The oldest customer message no one has answered since (see `desk::summaries`).
+        match m.role.as_str() {
+            "user" => {
+                summary.waiting_since.get_or_insert(m.created_at);
+            }
+            "assistant" | "agent" => summary.waiting_since = None,
+            _ => {}
+        }
+        self.patched.insert(m.session_id.clone());
+    }
+
+    /// Forgets every summary held (a change made while no dashboard was open was not
+    /// tracked); the conversations waiting to be sent from them are read again.
+    fn forget_known(&mut self) {
+        self.known.clear();
+        self.dirty.extend(self.patched.drain());
+        self.known_epoch += 1;
     }
 
     fn agents_online(&self) -> Vec<AgentView> {
@@ -142,9 +212,14 @@ impl Desk {
 
     /// A dashboard closed; true when that was its agent's last one.
     fn remove_dashboard(&mut self, conn_id: ConnId) -> bool {
-        self.staff
+        let gone = self
+            .staff
             .remove(&conn_id)
-            .is_some_and(|agent| self.online.remove(&agent))
+            .is_some_and(|agent| self.online.remove(&agent));
+        if self.staff.is_empty() {
+            self.forget_known();
+        }
+        gone
     }
 }
 
@@ -174,6 +249,7 @@ impl SessionManager {
         self.desk.staff.clear();
         self.desk.online.clear();
         self.desk.awaiting_snapshot.clear();
+        self.desk.forget_known();
         self.desk.dirty.clear();
         self.desk.queue_dirty = false;
     }
@@ -279,23 +355,37 @@ impl SessionManager {
         }
     }
 
-    /// Sends the dashboards what changed since the last flush.
+    /// Sends the dashboards what changed since the last flush: the conversations changed only
+    /// by new messages from the summaries held, the others read again.
     fn desk_flush(&mut self, ctx: &mut Context<Self>) {
         if self.desk.staff.is_empty() {
+            self.desk.forget_known();
             self.desk.dirty.clear();
             self.desk.queue_dirty = false;
             return;
         }
-        if self.desk.dirty.is_empty() && !self.desk.queue_dirty {
+        let desk = &mut self.desk;
+        let patched: Vec<Summary> = desk
+            .patched
+            .drain()
+            .filter(|id| !desk.dirty.contains(id))
+            .filter_map(|id| desk.known.get(&id).map(|(s, _)| s.clone()))
+            .collect();
+        if desk.dirty.is_empty() && !desk.queue_dirty {
+            self.send_updates(patched, Vec::new());
             return;
         }
-        let ids: Vec<String> = self.desk.dirty.drain().collect();
-        let with_queue = std::mem::take(&mut self.desk.queue_dirty);
-        let max = self.desk.settings.snapshot_max;
+        let ids: Vec<String> = desk.dirty.drain().collect();
+        desk.reading.extend(ids.iter().cloned());
+        let with_queue = std::mem::take(&mut desk.queue_dirty);
+        let max = desk.settings.snapshot_max;
+        let epoch = desk.known_epoch;
+        let read_at = Instant::now();
         let db = self.db.clone();
+        let read_ids = ids.clone();
         let read = async move {
             db.run(move |c| {
-                let changed = desk::summaries(c, &ids)?;
+                let changed = desk::summaries(c, &read_ids)?;
                 let queue = if with_queue {
                     let queued = desk::queue_ids(c, max)?;
                     Some(desk::summaries(c, &queued)?)
@@ -306,25 +396,50 @@ impl SessionManager {
             })
             .await
         };
-        ctx.spawn(read.into_actor(self).map(|read, act, _| {
+        ctx.spawn(read.into_actor(self).map(move |read, act, _| {
+            let desk = &mut act.desk;
+            for id in &ids {
+                desk.reading.remove(id);
+            }
             let (changed, queue) = match read {
                 Ok(read) => read,
                 Err(e) => {
                     log::error!("reading conversation summaries for the desk failed: {e}");
+                    // Read again at the next flush.
+                    desk.dirty.extend(ids);
+                    act.send_updates(patched, Vec::new());
                     return;
                 }
             };
-            // One frame for all of them: each dashboard costs a frame per flush, however many
-            // conversations changed.
-            if !changed.is_empty() {
-                let sessions = changed.into_iter().map(|s| act.summary_view(s)).collect();
-                act.tell_staff(&ServerFrame::SessionUpdates { sessions });
+            if epoch == desk.known_epoch {
+                if desk.known.len() + changed.len() > KNOWN_MAX {
+                    desk.forget_known();
+                }
+                for s in &changed {
+                    desk.known
+                        .insert(s.session.id.clone(), (s.clone(), read_at));
+                }
             }
+            act.send_updates(patched, changed);
             if let Some(queue) = queue {
                 let sessions = queue.into_iter().map(|s| act.summary_view(s)).collect();
                 act.tell_staff(&ServerFrame::Queue { sessions });
             }
         }));
+    }
+
+    /// One `session_updates` frame for all the changed conversations: each dashboard costs a
+    /// frame per flush, however many changed.
+    fn send_updates(&mut self, patched: Vec<Summary>, read: Vec<Summary>) {
+        if patched.is_empty() && read.is_empty() {
+            return;
+        }
+        let sessions = patched
+            .into_iter()
+            .chain(read)
+            .map(|s| self.summary_view(s))
+            .collect();
+        self.tell_staff(&ServerFrame::SessionUpdates { sessions });
     }
 
     /// Cancels the AI answer in flight in a conversation and any turn waiting for it: a

@@ -633,7 +633,7 @@ impl SessionManager {
             return;
         }
         let m = &appended.message;
-        self.desk.touch(&m.session_id);
+        self.desk.message_stored(m);
         self.broadcast(&m.session_id, &ServerFrame::Message(Self::message_view(m)));
         if m.role == "user" {
             self.customer_wrote(&m.session_id.clone(), ctx);
