@@ -355,8 +355,10 @@ impl SessionManager {
         }
     }
 
-    /// Sends the dashboards what changed since the last flush: the conversations changed only
-    /// by new messages from the summaries held, the others read again.
+    /// Sends the dashboards what changed since the last flush: at once the conversations
+    /// changed only by new messages, from the summaries held, then the others, read again.
+    /// (The held ones go first so that a slow read cannot bring an older state of one after a
+    /// newer one; none of them is being read.)
     fn desk_flush(&mut self, ctx: &mut Context<Self>) {
         if self.desk.staff.is_empty() {
             self.desk.forget_known();
@@ -371,8 +373,9 @@ impl SessionManager {
             .filter(|id| !desk.dirty.contains(id))
             .filter_map(|id| desk.known.get(&id).map(|(s, _)| s.clone()))
             .collect();
+        self.send_updates(patched);
+        let desk = &mut self.desk;
         if desk.dirty.is_empty() && !desk.queue_dirty {
-            self.send_updates(patched, Vec::new());
             return;
         }
         let ids: Vec<String> = desk.dirty.drain().collect();
@@ -407,7 +410,6 @@ impl SessionManager {
                     log::error!("reading conversation summaries for the desk failed: {e}");
                     // Read again at the next flush.
                     desk.dirty.extend(ids);
-                    act.send_updates(patched, Vec::new());
                     return;
                 }
             };
@@ -420,7 +422,7 @@ impl SessionManager {
                         .insert(s.session.id.clone(), (s.clone(), read_at));
                 }
             }
-            act.send_updates(patched, changed);
+            act.send_updates(changed);
             if let Some(queue) = queue {
                 let sessions = queue.into_iter().map(|s| act.summary_view(s)).collect();
                 act.tell_staff(&ServerFrame::Queue { sessions });
@@ -428,17 +430,13 @@ impl SessionManager {
         }));
     }
 
-    /// One `session_updates` frame for all the changed conversations: each dashboard costs a
-    /// frame per flush, however many changed.
-    fn send_updates(&mut self, patched: Vec<Summary>, read: Vec<Summary>) {
-        if patched.is_empty() && read.is_empty() {
+    /// One `session_updates` frame for all these conversations: each dashboard costs a frame
+    /// or two per flush, however many changed.
+    fn send_updates(&mut self, changed: Vec<Summary>) {
+        if changed.is_empty() {
             return;
         }
-        let sessions = patched
-            .into_iter()
-            .chain(read)
-            .map(|s| self.summary_view(s))
-            .collect();
+        let sessions = changed.into_iter().map(|s| self.summary_view(s)).collect();
         self.tell_staff(&ServerFrame::SessionUpdates { sessions });
     }
 
