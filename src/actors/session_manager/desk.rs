@@ -212,14 +212,13 @@ impl Desk {
 
     /// A dashboard closed; true when that was its agent's last one.
     fn remove_dashboard(&mut self, conn_id: ConnId) -> bool {
-        let gone = self
-            .staff
-            .remove(&conn_id)
-            .is_some_and(|agent| self.online.remove(&agent));
+        let Some(agent) = self.staff.remove(&conn_id) else {
+            return false;
+        };
         if self.staff.is_empty() {
             self.forget_known();
         }
-        gone
+        self.online.remove(&agent)
     }
 }
 
@@ -361,7 +360,6 @@ impl SessionManager {
     /// newer one; none of them is being read.)
     fn desk_flush(&mut self, ctx: &mut Context<Self>) {
         if self.desk.staff.is_empty() {
-            self.desk.forget_known();
             self.desk.dirty.clear();
             self.desk.queue_dirty = false;
             return;
