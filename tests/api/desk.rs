@@ -9,7 +9,7 @@ use switchboard::config::HumanDuration;
 use switchboard::db::models::Role;
 
 use crate::helpers::{
-    spawn_app, spawn_app_with, stored_messages, tokens_text, updated, Signed, TestApp,
+    spawn_app, spawn_app_with, stored_messages, summary_in, tokens_text, updated, Signed, TestApp,
 };
 use crate::ws::WsClient;
 
@@ -62,10 +62,7 @@ async fn a_dashboard_gets_a_snapshot_then_every_change_live() {
         snapshot["type"], "snapshot",
         "right after hello: {snapshot}"
     );
-    let sessions = snapshot["sessions"].as_array().expect("sessions");
-    let summary = sessions
-        .iter()
-        .find(|s| s["session_id"] == sid)
+    let summary = summary_in(&snapshot, "snapshot", &sid)
         .unwrap_or_else(|| panic!("the conversation is in the snapshot: {snapshot}"));
     assert_eq!(summary["customer"]["user_id"], guest.user_id.as_str());
     assert_eq!(summary["customer"]["online"], true, "{summary}");
@@ -793,11 +790,7 @@ async fn conversations_that_change_together_reach_a_dashboard_in_one_frame() {
 async fn fresh_summary(app: &TestApp, token: &str, sid: &str) -> Value {
     let mut ws = WsClient::staff(app, token).await;
     let snapshot = ws.next_of("snapshot").await;
-    snapshot["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["session_id"] == sid)
+    summary_in(&snapshot, "snapshot", sid)
         .unwrap_or_else(|| panic!("{sid} in the snapshot: {snapshot}"))
         .clone()
 }

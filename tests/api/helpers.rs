@@ -580,15 +580,21 @@ pub fn tokens_text(frames: &[Value]) -> String {
         .collect()
 }
 
-/// The summary of conversation `sid` in a dashboard's `session_updates` frame, if it holds one.
-pub fn updated<'a>(frame: &'a Value, sid: &str) -> Option<&'a Value> {
-    if frame["type"] != "session_updates" {
+/// The summary of conversation `sid` in a dashboard frame of type `kind` (`snapshot`,
+/// `session_updates`), if the frame is one and holds it.
+pub fn summary_in<'a>(frame: &'a Value, kind: &str, sid: &str) -> Option<&'a Value> {
+    if frame["type"] != kind {
         return None;
     }
     frame["sessions"]
         .as_array()?
         .iter()
         .find(|s| s["session_id"] == sid)
+}
+
+/// The summary of conversation `sid` in a dashboard's `session_updates` frame, if it holds one.
+pub fn updated<'a>(frame: &'a Value, sid: &str) -> Option<&'a Value> {
+    summary_in(frame, "session_updates", sid)
 }
 
 /// The stored messages of a conversation, oldest first, through the REST API.
