@@ -2,13 +2,13 @@ use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text, Timestamp};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamp};
 use diesel::sqlite::Sqlite;
 use serde::Serialize;
 
 use super::session::ACTIVE;
 use crate::db::kept::{BindTo, Kept, Statement, Values};
-use crate::db::schema::{chat_messages, chat_sessions};
+use crate::db::schema::chat_messages;
 use crate::db::DbConnection;
 
 #[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
@@ -114,52 +114,179 @@ pub enum Rejected {
     SessionNotActive(String),
 }
 
-/// Rows per INSERT statement: ten parameters each stays far below the bind limits of both
-/// backends (SQLite 32766, PostgreSQL 65535).
-const INSERT_ROWS_MAX: usize = 500;
-
 /// Stores a batch of messages in one transaction and returns one outcome per message, in order.
 ///
-/// Each conversation's `last_seq` is read once, advanced in memory for every message of the
-/// batch, and written back once, so seq has no gaps. A message whose client id is already
-/// stored in its conversation is not stored again: its outcome is the first copy. The caller
-/// must not run two batches for the same conversation at once (the committer routes each
-/// conversation to one lane).
+/// Each conversation's `last_seq` is read once, advanced for every message of the batch, and
+/// written back once, so seq has no gaps. A message whose client id is already stored in its
+/// conversation is not stored again: its outcome is the first copy. The caller must not run
+/// two batches for the same conversation at once (the committer routes each conversation to
+/// one lane).
 pub fn append_batch(
     conn: &mut DbConnection,
     batch: &[NewMessage],
 ) -> QueryResult<Vec<Result<Appended, Rejected>>> {
-    conn.transaction(|conn| {
+    match conn {
+        DbConnection::Pg(pg) => append_batch_pg(pg, batch),
+        DbConnection::Sqlite(sqlite) => append_batch_sqlite(sqlite, batch),
+    }
+}
+
+/// PostgreSQL: the whole batch is one call of `switchboard_append` (its migration holds the
+/// rules, the same as SQLite's below), so a batch costs one round trip to the server instead
+/// of BEGIN, five statements and COMMIT. A single statement is its own transaction.
+fn append_batch_pg(
+    pg: &mut PgConnection,
+    batch: &[NewMessage],
+) -> QueryResult<Vec<Result<Appended, Rejected>>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = super::now();
+    let rows: Vec<AppendRow> =
+        diesel::sql_query("SELECT * FROM switchboard_append($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind::<Array<Text>, _>(batch.iter().map(|m| &m.session_id).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(batch.iter().map(|m| m.role).collect::<Vec<_>>())
+            .bind::<Array<Nullable<Text>>, _>(
+                batch.iter().map(|m| &m.author_id).collect::<Vec<_>>(),
+            )
+            .bind::<Array<Text>, _>(batch.iter().map(|m| &m.content).collect::<Vec<_>>())
+            .bind::<Array<Nullable<Text>>, _>(
+                batch.iter().map(|m| &m.client_id).collect::<Vec<_>>(),
+            )
+            .bind::<Array<Bool>, _>(batch.iter().map(|m| m.interrupted).collect::<Vec<_>>())
+            .bind::<Array<Nullable<Text>>, _>(batch.iter().map(|m| &m.model).collect::<Vec<_>>())
+            .bind::<Array<Nullable<Integer>>, _>(batch.iter().map(|m| m.tokens).collect::<Vec<_>>())
+            .bind::<Timestamp, _>(now)
+            .load(pg)?;
+    if rows.len() != batch.len() {
+        return Err(unexpected(format!(
+            "switchboard_append answered {} rows for {} messages",
+            rows.len(),
+            batch.len()
+        )));
+    }
+    let mut outcomes: Vec<Result<Appended, Rejected>> = Vec::with_capacity(batch.len());
+    for (row, m) in rows.into_iter().zip(batch) {
+        let outcome = match row.outcome.as_str() {
+            "stored" => Ok(Appended {
+                message: ChatMessage {
+                    id: 0,
+                    session_id: m.session_id.clone(),
+                    seq: row
+                        .seq
+                        .ok_or_else(|| unexpected("a stored message without seq"))?,
+                    role: m.role.to_string(),
+                    author_id: m.author_id.clone(),
+                    content: m.content.clone(),
+                    client_id: m.client_id.clone(),
+                    interrupted: m.interrupted,
+                    model: m.model.clone(),
+                    tokens: m.tokens,
+                    created_at: now,
+                },
+                duplicate: false,
+            }),
+            "duplicate" => Ok(Appended {
+                message: row.stored_copy(&m.session_id)?,
+                duplicate: true,
+            }),
+            "repeat" => {
+                // The first copy is earlier in this batch, so already decided.
+                let first = usize::try_from(row.first_ord - 1)
+                    .ok()
+                    .and_then(|i| outcomes.get(i))
+                    .ok_or_else(|| unexpected("a repeat of no earlier message"))?;
+                first.clone().map(|a| Appended {
+                    duplicate: true,
+                    ..a
+                })
+            }
+            "not_found" => Err(Rejected::SessionNotFound),
+            "not_active" => Err(Rejected::SessionNotActive(row.status.unwrap_or_default())),
+            other => return Err(unexpected(format!("switchboard_append answered `{other}`"))),
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// One outcome of `switchboard_append`; the message's columns only for a `duplicate`.
+#[derive(QueryableByName)]
+struct AppendRow {
+    #[diesel(sql_type = Text)]
+    outcome: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    status: Option<String>,
+    #[diesel(sql_type = Integer)]
+    first_ord: i32,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    id: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    role: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    author_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    content: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    client_id: Option<String>,
+    #[diesel(sql_type = Nullable<Bool>)]
+    interrupted: Option<bool>,
+    #[diesel(sql_type = Nullable<Text>)]
+    model: Option<String>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    tokens: Option<i32>,
+    #[diesel(sql_type = Nullable<Timestamp>)]
+    created_at: Option<NaiveDateTime>,
+}
+
+impl AppendRow {
+    /// The stored message a `duplicate` row carries.
+    fn stored_copy(self, session_id: &str) -> QueryResult<ChatMessage> {
+        let missing = || unexpected("a duplicate without its stored message");
+        Ok(ChatMessage {
+            id: self.id.ok_or_else(missing)?,
+            session_id: session_id.to_string(),
+            seq: self.seq.ok_or_else(missing)?,
+            role: self.role.ok_or_else(missing)?,
+            author_id: self.author_id,
+            content: self.content.ok_or_else(missing)?,
+            client_id: self.client_id,
+            interrupted: self.interrupted.ok_or_else(missing)?,
+            model: self.model,
+            tokens: self.tokens,
+            created_at: self.created_at.ok_or_else(missing)?,
+        })
+    }
+}
+
+/// An answer from the database that breaks `switchboard_append`'s contract.
+fn unexpected(what: impl Into<String>) -> diesel::result::Error {
+    diesel::result::Error::DeserializationError(what.into().into())
+}
+
+/// SQLite: the same rules in this process, a statement at a time (in-process, a statement
+/// costs little), in one transaction.
+fn append_batch_sqlite(
+    sqlite: &mut SqliteConnection,
+    batch: &[NewMessage],
+) -> QueryResult<Vec<Result<Appended, Rejected>>> {
+    sqlite.transaction(|conn| {
         let now = super::now();
         let mut ids: Vec<&str> = batch.iter().map(|m| m.session_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        // The conversations' rows first, locked: PostgreSQL holds them FOR UPDATE until the
-        // commit; on SQLite an UPDATE that changes nothing takes the write lock at the start
-        // of the transaction, so a reader cannot be refused the upgrade half-way. Each row is
-        // written once, at the end, and only where a message was stored.
-        let rows: Vec<(String, String, i64)> = match conn {
-            DbConnection::Pg(pg) => chat_sessions::table
-                .filter(chat_sessions::id.eq_any(&ids))
-                .select((
-                    chat_sessions::id,
-                    chat_sessions::status,
-                    chat_sessions::last_seq,
-                ))
-                .for_update()
-                .load(pg)?,
-            DbConnection::Sqlite(sqlite) => Kept(LockSessions {
-                ids: &to_json(&ids)?,
-            })
-            .load::<SessionSeq>(sqlite)?
-            .into_iter()
-            .map(|s| (s.id, s.status, s.last_seq))
-            .collect(),
-        };
-        let sessions: HashMap<String, (String, i64)> = rows
-            .into_iter()
-            .map(|(id, status, seq)| (id, (status, seq)))
-            .collect();
+        // The conversations' rows first: an UPDATE that changes nothing takes the write lock
+        // at the start of the transaction, so a reader cannot be refused the upgrade
+        // half-way. Each row is written once, at the end, and only where a message was stored.
+        let sessions: HashMap<String, (String, i64)> = Kept(LockSessions {
+            ids: &to_json(&ids)?,
+        })
+        .load::<SessionSeq>(conn)?
+        .into_iter()
+        .map(|s| (s.id, (s.status, s.last_seq)))
+        .collect();
         // Messages of this batch whose client id is already stored, found in one query.
         let pairs: Vec<(&str, &str)> = batch
             .iter()
@@ -233,50 +360,15 @@ pub fn append_batch(
                 duplicate: false,
             }));
         }
-        let inserted = inserts.iter().filter_map(|&i| outcomes[i].as_ref().ok());
-        match conn {
-            // One multi-row INSERT per chunk instead of a statement per message: on PostgreSQL
-            // every statement is a round trip.
-            DbConnection::Pg(pg) => {
-                let rows: Vec<_> = inserted.map(|a| insert_row(&a.message)).collect();
-                for chunk in rows.chunks(INSERT_ROWS_MAX) {
-                    diesel::insert_into(chat_messages::table)
-                        .values(chunk)
-                        .execute(pg)?;
-                }
-            }
-            // SQLite runs in-process, where a prepared statement per row costs little (and
-            // Diesel's multi-row INSERT is not offered over both backends).
-            DbConnection::Sqlite(sqlite) => {
-                for a in inserted {
-                    diesel::insert_into(chat_messages::table)
-                        .values(insert_row(&a.message))
-                        .execute(sqlite)?;
-                }
+        for &i in &inserts {
+            if let Ok(a) = &outcomes[i] {
+                diesel::insert_into(chat_messages::table)
+                    .values(insert_row(&a.message))
+                    .execute(conn)?;
             }
         }
-        match conn {
-            // One statement for every conversation of the batch: with many small conversations,
-            // a statement each was a round trip per message.
-            DbConnection::Pg(pg) => {
-                let (ids, seqs): (Vec<&str>, Vec<i64>) = next.into_iter().unzip();
-                if !ids.is_empty() {
-                    diesel::sql_query(
-                        "UPDATE chat_sessions SET last_seq = v.seq, updated_at = $3 \
-                         FROM unnest($1::text[], $2::bigint[]) AS v(id, seq) \
-                         WHERE chat_sessions.id = v.id",
-                    )
-                    .bind::<Array<Text>, _>(ids)
-                    .bind::<Array<BigInt>, _>(seqs)
-                    .bind::<Timestamp, _>(now)
-                    .execute(pg)?;
-                }
-            }
-            DbConnection::Sqlite(sqlite) => {
-                for (id, seq) in next {
-                    Kept(SetLastSeq { id, seq, at: now }).execute(sqlite)?;
-                }
-            }
+        for (id, seq) in next {
+            Kept(SetLastSeq { id, seq, at: now }).execute(conn)?;
         }
         Ok(outcomes)
     })
@@ -292,27 +384,14 @@ struct FoundId {
 /// in the `(session_id, client_id)` index per pair. (Two IN lists, one of conversations and
 /// one of client ids, made SQLite probe every combination: 65,536 probes for a batch of 256
 /// messages in 256 conversations.)
-fn stored_ids(conn: &mut DbConnection, pairs: &[(&str, &str)]) -> QueryResult<Vec<i64>> {
+fn stored_ids(conn: &mut SqliteConnection, pairs: &[(&str, &str)]) -> QueryResult<Vec<i64>> {
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
-    let found: Vec<FoundId> = match conn {
-        DbConnection::Pg(pg) => {
-            let (sessions, clients): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-            diesel::sql_query(
-                "SELECT m.id FROM unnest($1::text[], $2::text[]) AS p(session_id, client_id) \
-                 JOIN chat_messages m \
-                 ON m.session_id = p.session_id AND m.client_id = p.client_id",
-            )
-            .bind::<Array<Text>, _>(sessions)
-            .bind::<Array<Text>, _>(clients)
-            .load(pg)?
-        }
-        DbConnection::Sqlite(sqlite) => Kept(StoredIdsSqlite {
-            pairs: &to_json(pairs)?,
-        })
-        .load(sqlite)?,
-    };
+    let found: Vec<FoundId> = Kept(StoredIdsSqlite {
+        pairs: &to_json(pairs)?,
+    })
+    .load(conn)?;
     Ok(found.into_iter().map(|f| f.id).collect())
 }
 
@@ -320,10 +399,7 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> QueryResult<String> {
     serde_json::to_string(value).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
 }
 
-// SQLite: the group commit's own statements, kept prepared (see `crate::db::kept`). On
-// PostgreSQL, the duplicate check and the `last_seq` UPDATE kept as named statements made its
-// server use 15 to 20 % more CPU at 10,000 deliveries a second (four runs of each), so there
-// they stay `sql_query` text.
+// SQLite: the group commit's own statements, kept prepared (see `crate::db::kept`).
 
 /// SQLite: the conversations of a batch (a JSON array of ids), with the write lock taken by an
 /// UPDATE that changes nothing.

@@ -1,0 +1,1 @@
+DROP FUNCTION switchboard_append(TEXT[], TEXT[], TEXT[], TEXT[], TEXT[], BOOLEAN[], TEXT[], INTEGER[], TIMESTAMP);
