@@ -73,10 +73,16 @@ BEGIN
             END AS decision
         FROM classified c
     ),
+    -- A stored message's seq: its conversation's last, plus the messages of the batch stored
+    -- in it so far. (Computed over every row, not joined back: with joins by nested loop only,
+    -- a join of two of these lists costs the square of the batch.)
     numbered AS (
-        SELECT d.*, d.last_seq + row_number() OVER (PARTITION BY d.session_id ORDER BY d.ord) AS new_seq
+        SELECT d.*,
+            CASE WHEN d.decision = 'stored' THEN
+                d.last_seq + count(*) FILTER (WHERE d.decision = 'stored')
+                    OVER (PARTITION BY d.session_id ORDER BY d.ord)
+            END AS new_seq
         FROM decided d
-        WHERE d.decision = 'stored'
     ),
     inserted AS (
         INSERT INTO chat_messages
@@ -84,21 +90,26 @@ BEGIN
         SELECT n.session_id, n.new_seq, n.role, n.author_id, n.content, n.client_id, n.interrupted,
             n.model, n.tokens, p_now
         FROM numbered n
+        WHERE n.decision = 'stored'
         ORDER BY n.ord
         RETURNING 1
     ),
     advanced AS (
         UPDATE chat_sessions s SET last_seq = m.last, updated_at = p_now
-        FROM (SELECT n.session_id, max(n.new_seq) AS last FROM numbered n GROUP BY n.session_id) m
+        FROM (
+            SELECT n.session_id, max(n.new_seq) AS last
+            FROM numbered n
+            WHERE n.decision = 'stored'
+            GROUP BY n.session_id
+        ) m
         WHERE s.id = m.session_id
         RETURNING 1
     )
-    SELECT d.ord::INTEGER, d.decision, coalesce(n.new_seq, m.seq), d.session_status,
-        d.first::INTEGER, m.id, m.role, m.author_id, m.content, m.client_id, m.interrupted,
+    SELECT n.ord::INTEGER, n.decision, coalesce(n.new_seq, m.seq), n.session_status,
+        n.first::INTEGER, m.id, m.role, m.author_id, m.content, m.client_id, m.interrupted,
         m.model, m.tokens, m.created_at
-    FROM decided d
-    LEFT JOIN numbered n ON n.ord = d.ord
-    LEFT JOIN chat_messages m ON m.id = d.stored_id AND d.decision = 'duplicate'
-    ORDER BY d.ord;
+    FROM numbered n
+    LEFT JOIN chat_messages m ON m.id = n.stored_id AND n.decision = 'duplicate'
+    ORDER BY n.ord;
 END;
 $$;
