@@ -16,7 +16,7 @@ use crate::actors::inference::{Answering, InferencePool};
 use crate::actors::persistence::Db;
 use crate::actors::session_manager::desk::DeskSettings;
 use crate::actors::session_manager::messages::Drain;
-use crate::actors::session_manager::{Coalescing, SessionManager};
+use crate::actors::session_manager::{Coalescing, SessionManager, Writes};
 use crate::auth::JwtKeys;
 use crate::cache::{AnswerCache, MemoryCache, MEMORY_CACHE_ENTRIES};
 use crate::config::Settings;
@@ -34,6 +34,8 @@ pub struct AppState {
     pub db: Db,
     pub jwt: JwtKeys,
     pub manager: Addr<SessionManager>,
+    /// Where sockets hand the messages they receive.
+    pub writes: Writes,
     /// The AI providers behind their retry and breaker policy.
     pub ai: Arc<Resilient>,
     pub limits: Arc<RateLimits>,
@@ -116,7 +118,7 @@ impl Application {
             .run(|c| Ok(db::models::desk::held(c)?))
             .await
             .context("reading the conversations taken over or waiting for a human")?;
-        let manager = SessionManager::start(
+        let (manager, writes) = SessionManager::start(
             db.clone(),
             inference,
             settings.database.group_commit_max,
@@ -146,6 +148,7 @@ impl Application {
             settings: Arc::new(settings.clone()),
             db,
             manager: manager.clone(),
+            writes,
             ai,
             limits: Arc::new(RateLimits::new(&settings.rate_limit)),
         });

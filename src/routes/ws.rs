@@ -69,6 +69,7 @@ async fn upgrade(
     res.extensions_mut().insert(Accepted {
         user,
         manager: state.manager.clone(),
+        writes: state.writes.clone(),
         db: state.db.clone(),
         limits,
         desk: staff_only,

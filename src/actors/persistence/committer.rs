@@ -1,6 +1,7 @@
 //! Committer: groups writes (group commit) in front of the persistence actor's writers.
 //!
-//! The SessionManager hands every message to [`Committer::append`], which routes each
+//! Every message is handed to [`Committer::append`] (by the SessionManager, or by a socket
+//! through the SessionManager's [`Writes`](crate::actors::session_manager::Writes)), which routes each
 //! conversation to one lane (so one conversation is never written by two transactions at once,
 //! which keeps `seq` gap-free and ordered). A lane is a queue that its writer drains itself:
 //! while a transaction runs new messages queue, and when it ends the writer takes them all into
@@ -31,6 +32,7 @@ pub struct Append {
 /// upkeep, a search's indexing); the lane goes on right after.
 const DRAIN_TURN: Duration = Duration::from_millis(20);
 
+#[derive(Clone)]
 pub struct Committer {
     db: Db,
     lanes: Vec<Arc<Lane>>,

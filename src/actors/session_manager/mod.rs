@@ -4,7 +4,9 @@
 //! which connection is in which conversation, each connection's resume state, and the AI
 //! answer in flight per conversation. WsSession actors and HTTP handlers talk to it; it hands
 //! writes to the Committer, answers to the InferencePool, and history reads to the persistence
-//! actor. It does not authenticate, rate-limit or call providers: those live elsewhere.
+//! actor. A socket's message goes to the Committer without it ([`Writes`]), and its outcome
+//! comes back to it. It does not authenticate, rate-limit or call providers: those live
+//! elsewhere.
 //! It decides when a conversation gets an AI turn: a customer's burst of messages becomes one
 //! turn (`AI_BATCH_SIZE`, `AI_BATCH_TIMEOUT`), and a conversation no AI provider can answer
 //! goes to the human queue (`offer_to_human`). The agent desk (dashboards, takeover, the human
@@ -15,7 +17,7 @@
 //! else waits for it.
 //!
 //! On shutdown (`Drain`) it takes no new messages or answers, cancels the answers in flight
-//! (stored as interrupted), waits for every write it handed to the committer to be settled
+//! (stored as interrupted), waits for every write handed to the committer to be settled
 //! (acked or refused), then queues a close with a reason behind each socket's last frames.
 //! Dashboards are sockets like the others; the human queue's timers stop at once and desk
 //! changes are refused (`shutting_down`), since the stored waits are picked up by the next node.
@@ -24,7 +26,7 @@ pub mod desk;
 pub mod messages;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,7 +241,7 @@ impl Connection {
 pub struct SessionManager {
     db: Db,
     inference: InferencePool,
-    committer: Committer,
+    writes: Writes,
     resume_max: i64,
     /// Events held for one replaying member before it counts as a slow consumer.
     held_max: usize,
@@ -249,14 +251,86 @@ pub struct SessionManager {
     desk: desk::Desk,
     /// Numbers each `resume`, so a page read for an earlier one is recognised as stale.
     next_replay: u64,
-    /// Messages handed to the committer whose outcome has not come back yet.
-    pending_writes: usize,
     /// Set once shutdown began: who waits for it to end.
     draining: Option<Vec<oneshot::Sender<()>>>,
 }
 
+/// The way to the store that does not wait for the SessionManager's thread: a socket hands
+/// its message straight to the conversation's lane, and the outcome comes back to the
+/// SessionManager, which acknowledges and delivers it. Every write is counted until its
+/// outcome is back, so that shutdown waits for it; once shutdown began, a socket's message is
+/// given back, for the SessionManager to refuse.
+#[derive(Clone)]
+pub struct Writes {
+    committer: Committer,
+    /// Handed to the committer, outcome not back yet.
+    pending: Arc<AtomicUsize>,
+    /// Shutdown began: sockets' messages are not taken.
+    closing: Arc<AtomicBool>,
+}
+
+impl Writes {
+    /// Hands a socket's message to its lane, or gives it back once shutdown began.
+    pub fn post(&self, msg: PostMessage) -> Result<(), Box<PostMessage>> {
+        // Counted before `closing` is read, and `closing` is set before the count is read
+        // (`SessionManager::check_drained`): one side always sees the other.
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.closing.load(Ordering::SeqCst) {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(Box::new(msg));
+        }
+        self.committer.append(msg.into_append());
+        Ok(())
+    }
+
+    /// Hands a write to its lane whether or not shutdown began (an answer being stopped is
+    /// still stored).
+    fn store(&self, append: Append) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.committer.append(append);
+    }
+
+    /// Outcomes came back for `n` writes.
+    fn settled(&self, n: usize) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                Some(p.saturating_sub(n))
+            });
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+}
+
+impl PostMessage {
+    /// What is stored: a staff member's message as `agent`, anyone else's as `user`.
+    fn into_append(self) -> Append {
+        let role = if self.role.is_staff() {
+            "agent"
+        } else {
+            "user"
+        };
+        Append {
+            message: NewMessage {
+                session_id: self.session_id,
+                role,
+                author_id: Some(self.author_id),
+                content: self.content,
+                client_id: self.client_id,
+                interrupted: false,
+                model: None,
+                tokens: None,
+            },
+            origin: self.origin,
+        }
+    }
+}
+
 impl SessionManager {
-    /// Starts the manager and its committer.
+    /// Starts the manager and its committer; sockets hand their messages to the committer
+    /// through the [`Writes`] returned.
     pub fn start(
         db: Db,
         inference: InferencePool,
@@ -265,10 +339,17 @@ impl SessionManager {
         held_max: usize,
         coalescing: Coalescing,
         desk_settings: desk::DeskSettings,
-    ) -> Addr<SessionManager> {
-        SessionManager::create(move |ctx| {
-            let mut manager = SessionManager {
+    ) -> (Addr<SessionManager>, Writes) {
+        let mut handed_out = None;
+        let manager = SessionManager::create(|ctx| {
+            let writes = Writes {
                 committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()),
+                pending: Arc::new(AtomicUsize::new(0)),
+                closing: Arc::new(AtomicBool::new(false)),
+            };
+            handed_out = Some(writes.clone());
+            let mut manager = SessionManager {
+                writes,
                 db,
                 inference,
                 resume_max: resume_max.max(1),
@@ -278,12 +359,13 @@ impl SessionManager {
                 conversations: HashMap::new(),
                 desk: desk::Desk::new(desk_settings),
                 next_replay: 1,
-                pending_writes: 0,
                 draining: None,
             };
             desk::start(&mut manager, ctx);
             manager
-        })
+        });
+        let writes = handed_out.expect("the manager was created in place");
+        (manager, writes)
     }
 
     /// Queues `out` on a connection. A full queue means a slow consumer: it is dropped.
@@ -691,15 +773,14 @@ impl Actor for SessionManager {
 impl SessionManager {
     /// Hands a message to the committer, counting it until its outcome comes back.
     fn store(&mut self, append: Append) {
-        self.pending_writes += 1;
-        self.committer.append(append);
+        self.writes.store(append);
     }
 
     /// While shutting down: once no answer is in flight and every write is settled, closes
     /// every socket (after what is queued for it) and says the drain is over.
     fn check_drained(&mut self) {
         if self.draining.is_none()
-            || self.pending_writes > 0
+            || self.writes.pending() > 0
             || self.conversations.values().any(|c| c.reply.is_some())
         {
             return;
@@ -738,6 +819,8 @@ impl Handler<Drain> for SessionManager {
     fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) {
         let first = self.draining.is_none();
         self.draining.get_or_insert_with(Vec::new).push(msg.done);
+        // Before any count is read (see `Writes::post`).
+        self.writes.closing.store(true, Ordering::SeqCst);
         if !first {
             return;
         }
@@ -747,7 +830,7 @@ impl Handler<Drain> for SessionManager {
                 .values()
                 .filter(|c| c.reply.is_some())
                 .count(),
-            self.pending_writes
+            self.writes.pending()
         );
         for conv in self.conversations.values_mut() {
             conv.turn_pending = false;
@@ -760,7 +843,7 @@ impl Handler<Drain> for SessionManager {
             if act.draining.as_ref().is_some_and(|w| !w.is_empty()) {
                 log::warn!(
                     "shutdown grace period over with {} message(s) still being stored; closing sockets",
-                    act.pending_writes
+                    act.writes.pending()
                 );
                 act.close_all();
             }
@@ -1106,23 +1189,11 @@ impl Handler<PostMessage> for SessionManager {
 
     fn handle(&mut self, msg: PostMessage, ctx: &mut Context<Self>) {
         if self.draining.is_some() {
-            return self.settle(msg.origin, Err(AppendFailure::ShuttingDown), ctx);
+            self.settle(msg.origin, Err(AppendFailure::ShuttingDown), ctx);
+            // A socket counted this message for a moment before giving it back.
+            return self.check_drained();
         }
-        let role = if msg.role.is_staff() { "agent" } else { "user" };
-        let append = Append {
-            message: NewMessage {
-                session_id: msg.session_id,
-                role,
-                author_id: Some(msg.author_id),
-                content: msg.content,
-                client_id: msg.client_id,
-                interrupted: false,
-                model: None,
-                tokens: None,
-            },
-            origin: msg.origin,
-        };
-        self.store(append);
+        self.store(msg.into_append());
     }
 }
 
@@ -1130,7 +1201,7 @@ impl Handler<Committed> for SessionManager {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
-        self.pending_writes = self.pending_writes.saturating_sub(msg.outcomes.len());
+        self.writes.settled(msg.outcomes.len());
         for (origin, outcome) in msg.outcomes {
             self.settle(origin, outcome, ctx);
         }

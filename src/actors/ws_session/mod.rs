@@ -34,7 +34,7 @@ use crate::actors::session_manager::messages::{
     ConnId, Connect, DeskCommand, DeskOp, Disconnect, Join, JoinDesk, Leave, Origin, Out,
     PostMessage, StopReply, Typing,
 };
-use crate::actors::session_manager::SessionManager;
+use crate::actors::session_manager::{SessionManager, Writes};
 use crate::auth::AuthUser;
 use crate::db::models::{message, session as sessions};
 use crate::protocol::{self, AgentView, ClientFrame, ServerFrame};
@@ -66,6 +66,7 @@ pub struct WsSession {
     id: ConnId,
     user: AuthUser,
     manager: Addr<SessionManager>,
+    writes: Writes,
     db: Db,
     outbox: mpsc::Sender<Out>,
     /// Fired to make the writer close the socket at once, past whatever is queued.
@@ -89,6 +90,7 @@ pub struct WsSession {
 pub struct Accepted {
     pub user: AuthUser,
     pub manager: Addr<SessionManager>,
+    pub writes: Writes,
     pub db: Db,
     pub limits: Limits,
     /// Opened on the staff endpoint.
@@ -107,6 +109,7 @@ impl Accepted {
         let Accepted {
             user,
             manager,
+            writes,
             db,
             limits,
             desk,
@@ -119,6 +122,7 @@ impl Accepted {
                 id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
                 user,
                 manager,
+                writes,
                 db,
                 outbox,
                 kill: Some(kill),
@@ -210,7 +214,9 @@ impl WsSession {
                     });
                     // Counted down by the SessionManager when the ack or error goes out.
                     act.pending_acks.fetch_add(1, Ordering::Relaxed);
-                    act.manager.do_send(PostMessage {
+                    // Straight to the store; the outcome goes to the SessionManager, which
+                    // acknowledges and delivers it (or, while shutting down, refuses it).
+                    let post = PostMessage {
                         session_id: session_id.clone(),
                         author_id: act.user.id.clone(),
                         role: act.user.role,
@@ -221,7 +227,10 @@ impl WsSession {
                             session_id,
                             client_id,
                         },
-                    });
+                    };
+                    if let Err(post) = act.writes.post(post) {
+                        act.manager.do_send(*post);
+                    }
                 });
             }
             ClientFrame::Resume {
