@@ -1,8 +1,8 @@
 //! Committer: groups writes (group commit) in front of the persistence actor's writers.
 //!
 //! Every message is handed to [`Committer::append`] (by the SessionManager, or by a socket
-//! through the SessionManager's [`Writes`](crate::actors::session_manager::Writes)), which routes each
-//! conversation to one lane (so one conversation is never written by two transactions at once,
+//! through [`Writes`](crate::actors::session_manager::Writes)), which routes each conversation
+//! to one lane (so one conversation is never written by two transactions at once,
 //! which keeps `seq` gap-free and ordered). A lane is a queue that its writer drains itself:
 //! while a transaction runs new messages queue, and when it ends the writer takes them all into
 //! the next one at once, with no other thread in between. Under load batches grow, so
