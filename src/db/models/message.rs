@@ -42,6 +42,25 @@ pub struct NewMessage {
     pub tokens: Option<i32>,
 }
 
+impl NewMessage {
+    /// The row this message becomes when stored as `seq` at `at` (its id is not read back).
+    fn stored_as(&self, seq: i64, at: NaiveDateTime) -> ChatMessage {
+        ChatMessage {
+            id: 0,
+            session_id: self.session_id.clone(),
+            seq,
+            role: self.role.to_string(),
+            author_id: self.author_id.clone(),
+            content: self.content.clone(),
+            client_id: self.client_id.clone(),
+            interrupted: self.interrupted,
+            model: self.model.clone(),
+            tokens: self.tokens,
+            created_at: at,
+        }
+    }
+}
+
 /// Longest client id accepted, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 64;
 
@@ -169,21 +188,11 @@ fn append_batch_pg(
     for (row, m) in rows.into_iter().zip(batch) {
         let outcome = match row.outcome.as_str() {
             "stored" => Ok(Appended {
-                message: ChatMessage {
-                    id: 0,
-                    session_id: m.session_id.clone(),
-                    seq: row
-                        .seq
+                message: m.stored_as(
+                    row.seq
                         .ok_or_else(|| unexpected("a stored message without seq"))?,
-                    role: m.role.to_string(),
-                    author_id: m.author_id.clone(),
-                    content: m.content.clone(),
-                    client_id: m.client_id.clone(),
-                    interrupted: m.interrupted,
-                    model: m.model.clone(),
-                    tokens: m.tokens,
-                    created_at: now,
-                },
+                    now,
+                ),
                 duplicate: false,
             }),
             "duplicate" => Ok(Appended {
@@ -341,19 +350,7 @@ fn append_batch_sqlite(
             }
             let seq = next.entry(m.session_id.as_str()).or_insert(*last_seq);
             *seq += 1;
-            let message = ChatMessage {
-                id: 0,
-                session_id: m.session_id.clone(),
-                seq: *seq,
-                role: m.role.to_string(),
-                author_id: m.author_id.clone(),
-                content: m.content.clone(),
-                client_id: m.client_id.clone(),
-                interrupted: m.interrupted,
-                model: m.model.clone(),
-                tokens: m.tokens,
-                created_at: now,
-            };
+            let message = m.stored_as(*seq, now);
             inserts.push(outcomes.len());
             outcomes.push(Ok(Appended {
                 message,
