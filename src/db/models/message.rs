@@ -205,10 +205,7 @@ fn append_batch_pg(
                     .ok()
                     .and_then(|i| outcomes.get(i))
                     .ok_or_else(|| unexpected("a repeat of no earlier message"))?;
-                first.clone().map(|a| Appended {
-                    duplicate: true,
-                    ..a
-                })
+                repeat_of(first)
             }
             "not_found" => Err(Rejected::SessionNotFound),
             "not_active" => Err(Rejected::SessionNotActive(row.status.unwrap_or_default())),
@@ -270,6 +267,14 @@ impl AppendRow {
     }
 }
 
+/// The outcome of a client id repeated within a batch: its first copy's, as a duplicate.
+fn repeat_of(first: &Result<Appended, Rejected>) -> Result<Appended, Rejected> {
+    first.clone().map(|a| Appended {
+        duplicate: true,
+        ..a
+    })
+}
+
 /// An answer from the database that breaks `switchboard_append`'s contract.
 fn unexpected(what: impl Into<String>) -> diesel::result::Error {
     diesel::result::Error::DeserializationError(what.into().into())
@@ -327,11 +332,7 @@ fn append_batch_sqlite(
             };
             if let Some(client_id) = m.client_id.as_deref() {
                 if let Some(&first) = seen.get(&(m.session_id.as_str(), client_id)) {
-                    let earlier = outcomes[first].clone().map(|a| Appended {
-                        duplicate: true,
-                        ..a
-                    });
-                    outcomes.push(earlier);
+                    outcomes.push(repeat_of(&outcomes[first]));
                     continue;
                 }
                 seen.insert((m.session_id.as_str(), client_id), i);
