@@ -106,9 +106,9 @@ impl Drop for Hub {
     }
 }
 
-/// Every row of every table in `out` (the loadgen's `--json` lines) shows the server's writes
-/// as a rate: the server's `/proc/<pid>/io` is readable, it is this test's own process.
-fn assert_writes_shown(out: &str) {
+/// Every row of every table in `out` (the loadgen's `--json` lines) shows `column` as a number
+/// of at least 0. The server's `/proc/<pid>` files are readable: it is this test's own process.
+fn assert_shown(out: &str, column: &str) {
     let rows: Vec<serde_json::Value> = out
         .lines()
         .filter_map(|l| l.strip_prefix("json "))
@@ -119,9 +119,11 @@ fn assert_writes_shown(out: &str) {
         .collect();
     assert!(!rows.is_empty(), "no table rows:\n{out}");
     for row in &rows {
-        let cell = row["server writes MB/s"].as_str().unwrap_or_default();
-        let rate: f64 = cell.parse().unwrap_or_else(|_| panic!("{cell:?}:\n{out}"));
-        assert!(rate >= 0.0, "{out}");
+        let cell = row[column].as_str().unwrap_or_default();
+        let value: f64 = cell
+            .parse()
+            .unwrap_or_else(|_| panic!("{column}: {cell:?}:\n{out}"));
+        assert!(value >= 0.0, "{column}:\n{out}");
     }
 }
 
@@ -197,7 +199,9 @@ async fn small_rooms_deliver_to_customer_and_watcher() {
     ];
     let out = loadgen(with(&args, &scenario)).await;
     assert!(out.contains("Small rooms"), "{out}");
-    assert_writes_shown(&out);
+    assert_shown(&out, "server writes MB/s");
+    // The share of time the server's threads waited for a core, next to its CPU.
+    assert_shown(&out, "server waits for CPU %");
     let hub = Hub::start();
     loadgen(with(&hub.args, &scenario)).await;
 }
@@ -228,6 +232,6 @@ async fn acknowledged_messages_are_counted_with_and_without_group_commit() {
         ];
         let out = loadgen(with(&args, &scenario)).await;
         assert!(out.contains("Persistence"), "{out}");
-        assert_writes_shown(&out);
+        assert_shown(&out, "server writes MB/s");
     }
 }

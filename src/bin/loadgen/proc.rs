@@ -1,5 +1,6 @@
 //! CPU time, memory and file writes of a process, from `/proc/<pid>/stat`, `/proc/<pid>/status`
-//! and `/proc/<pid>/io`.
+//! and `/proc/<pid>/io`, and how long its threads waited for a core, from
+//! `/proc/<pid>/task/*/schedstat`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,6 +54,31 @@ fn parse_write_bytes(io: &str) -> Option<u64> {
         .ok()
 }
 
+/// Nanoseconds the threads of `pid` have spent ready to run but waiting for a core (the second
+/// field of each thread's `schedstat`), summed over the threads alive now. `None` where the
+/// kernel keeps no such count or the process is gone.
+pub fn run_delay_ns(pid: &str) -> Option<u64> {
+    let mut total = None;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            // The thread ended after the folder was listed.
+            continue;
+        };
+        if let Some(delay) = parse_run_delay(&stat) {
+            total = Some(total.unwrap_or(0) + delay);
+        }
+    }
+    total
+}
+
+/// `schedstat` is "time run, time waited, slices", in nanoseconds.
+fn parse_run_delay(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The one-minute load average.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -67,6 +93,7 @@ pub struct Sample {
     pub cpu_ticks: u64,
     pub rss_kib: u64,
     pub write_bytes: Option<u64>,
+    pub run_delay_ns: Option<u64>,
 }
 
 /// Samples a process every `every` until dropped.
@@ -94,6 +121,7 @@ impl Sampler {
                         cpu_ticks,
                         rss_kib,
                         write_bytes: write_bytes(&id),
+                        run_delay_ns: run_delay_ns(&id),
                     });
                 }
             }
@@ -108,6 +136,7 @@ impl Sampler {
             cpu_ticks: cpu_ticks(&self.pid).unwrap_or(0),
             rss_kib: rss_kib(&self.pid).unwrap_or(0),
             write_bytes: write_bytes(&self.pid),
+            run_delay_ns: run_delay_ns(&self.pid),
         }
     }
 
@@ -124,8 +153,8 @@ impl Sampler {
             .unwrap_or_default()
     }
 
-    /// Server CPU use within `[from, to]`, in percent of one core, the largest RSS seen, and
-    /// how fast it wrote to files.
+    /// Server CPU use within `[from, to]`, in percent of one core, the largest RSS seen, how
+    /// fast it wrote to files, and how long its threads waited for a core.
     pub fn usage(&self, from_us: u64, to_us: u64) -> Usage {
         usage_of(&self.between(from_us, to_us))
     }
@@ -146,10 +175,18 @@ fn usage_of(s: &[Sample]) -> Usage {
         (Some(a), Some(b)) if seconds > 0.0 => Some(b.saturating_sub(a) as f64 / 1e6 / seconds),
         _ => None,
     };
+    // A thread that ended within the window takes its count with it: never below zero.
+    let wait_percent = match (first.run_delay_ns, last.run_delay_ns) {
+        (Some(a), Some(b)) if seconds > 0.0 => {
+            Some(b.saturating_sub(a) as f64 / 1e9 / seconds * 100.0)
+        }
+        _ => None,
+    };
     Usage {
         cpu_percent: cpu,
         rss_max_kib: s.iter().map(|x| x.rss_kib).max().unwrap_or(0),
         write_mb_per_s,
+        wait_percent,
     }
 }
 
@@ -166,6 +203,9 @@ pub struct Usage {
     /// Megabytes (10^6 bytes) written to files per second; `None` where `/proc/<pid>/io` could
     /// not be read.
     pub write_mb_per_s: Option<f64>,
+    /// Time the threads spent ready to run but waiting for a core, in percent of one core's
+    /// time (200 means two threads waited all along); `None` where it cannot be read.
+    pub wait_percent: Option<f64>,
 }
 
 impl Usage {
@@ -173,6 +213,12 @@ impl Usage {
     pub fn writes_cell(&self) -> String {
         self.write_mb_per_s
             .map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+    }
+
+    /// The wait for a core as a table cell: whole percent, or "-" where it is not known.
+    pub fn wait_cell(&self) -> String {
+        self.wait_percent
+            .map_or_else(|| "-".into(), |v| format!("{v:.0}"))
     }
 }
 
@@ -190,6 +236,13 @@ mod tests {
     }
 
     #[test]
+    fn run_delay_is_the_second_schedstat_field() {
+        assert_eq!(parse_run_delay("812345 67890 12\n"), Some(67890));
+        assert_eq!(parse_run_delay("812345\n"), None);
+        assert_eq!(parse_run_delay("812345 soon 12\n"), None);
+    }
+
+    #[test]
     fn the_own_process_has_a_write_count() {
         assert!(write_bytes("self").is_some());
     }
@@ -202,10 +255,28 @@ mod tests {
                 cpu_ticks: 0,
                 rss_kib: 1,
                 write_bytes,
+                run_delay_ns: None,
             };
             usage_of(&[sample(0, a), sample(1_000_000, None), sample(2_000_000, b)])
         };
         assert_eq!(usage(Some(1_000_000), Some(9_000_000)).writes_cell(), "4.0");
         assert_eq!(usage(None, Some(9_000_000)).writes_cell(), "-");
+    }
+
+    #[test]
+    fn the_wait_for_a_core_spans_the_first_and_last_samples() {
+        let sample = |at_us, run_delay_ns| Sample {
+            at_us,
+            cpu_ticks: 0,
+            rss_kib: 1,
+            write_bytes: None,
+            run_delay_ns,
+        };
+        let usage = |a, b| usage_of(&[sample(0, a), sample(2_000_000, b)]).wait_cell();
+        // 3 s of waiting in 2 s: one and a half cores' worth.
+        assert_eq!(usage(Some(1_000_000_000), Some(4_000_000_000)), "150");
+        // A thread that ended took its count along.
+        assert_eq!(usage(Some(4_000_000_000), Some(1_000_000_000)), "0");
+        assert_eq!(usage(None, Some(1)), "-");
     }
 }

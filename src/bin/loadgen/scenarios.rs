@@ -429,6 +429,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             "lost",
             "errors",
             "server CPU %",
+            "server waits for CPU %",
             "server RSS MiB",
             "server writes MB/s",
             "loadgen CPU %",
@@ -453,6 +454,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             lost.to_string(),
             m.errors_text(),
             format!("{:.0}", usage.cpu_percent),
+            usage.wait_cell(),
             mib(usage.rss_max_kib),
             usage.writes_cell(),
             format!(
