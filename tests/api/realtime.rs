@@ -956,6 +956,67 @@ async fn a_second_connection_of_someone_present_is_not_announced() {
     );
 }
 
+/// A socket that left a conversation (`leave`, or `unwatch` on the desk) and sends there again
+/// is a member again: it gets its own message back and what others say after it, and nothing
+/// said while it was away.
+#[tokio::test]
+async fn a_socket_that_left_is_a_member_again_once_it_sends_there() {
+    let app = spawn_app().await;
+    let (_, _, sid) = customer_with_session(&app).await;
+    // Agents write, so that no AI answer is started.
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut other = WsClient::customer(&app, &agent.access_token).await;
+    other.resume(&sid, 0).await;
+    other.next_of("resumed").await;
+    let heard = |frames: &[Value], content: &str| {
+        frames
+            .iter()
+            .any(|f| f["type"] == "message" && f["content"] == content)
+    };
+
+    for leaving in ["leave", "unwatch"] {
+        let mut ws = WsClient::customer(&app, &agent.access_token).await;
+        let first = format!("{leaving}: before");
+        ws.send_message(&sid, &format!("{leaving}-1"), &first).await;
+        ws.until(|f| f["type"] == "message" && f["content"] == first.as_str())
+            .await;
+
+        ws.send(&json!({"type": leaving, "session_id": sid})).await;
+        if leaving == "unwatch" {
+            ws.next_of("unwatched").await;
+        }
+        let away = format!("{leaving}: while away");
+        other
+            .send_message(&sid, &format!("{leaving}-away"), &away)
+            .await;
+        other
+            .until(|f| f["type"] == "message" && f["content"] == away.as_str())
+            .await;
+        let seen = ws.ping(&format!("{leaving}-after-away")).await;
+        assert!(
+            !heard(&seen, &away),
+            "{leaving}: heard after leaving: {seen:?}"
+        );
+
+        let again = format!("{leaving}: again");
+        ws.send_message(&sid, &format!("{leaving}-2"), &again).await;
+        let echo = ws
+            .until(|f| f["type"] == "message" && f["content"] == again.as_str())
+            .await;
+        assert!(
+            !heard(&echo, &away),
+            "{leaving}: what was said while away came live: {echo:?}"
+        );
+        let after = format!("{leaving}: after");
+        other
+            .send_message(&sid, &format!("{leaving}-after"), &after)
+            .await;
+        ws.until(|f| f["type"] == "message" && f["content"] == after.as_str())
+            .await;
+        ws.close().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_while_an_answer_is_being_stored_repeats_no_seq() {
     // Resume lands at every point of an answer's life (streaming, being stored, stored) in

@@ -907,7 +907,8 @@ impl SessionManager {
         let Some(conn) = self.connections.get_mut(&conn_id) else {
             return;
         };
-        // A socket joins before each message it sends: a member already, it has nothing to do.
+        // A socket joins the first time it sends somewhere (and again after leaving): a member
+        // already (it resumed or watched first), it has nothing to do.
         if after_seq.is_none() && conn.sessions.contains(&session_id) {
             return;
         }

@@ -75,6 +75,10 @@ pub struct WsSession {
     last_heard: Instant,
     /// Conversations this caller was found allowed into (checked once per connection).
     allowed: HashSet<String>,
+    /// Conversations this socket asked the SessionManager to join when it sent there, and has
+    /// not left since: a send there needs no `Join`. Only the socket's own `leave` or `unwatch`
+    /// (or its end) takes it out of a conversation, so this cannot drift from the manager's.
+    joined: HashSet<String>,
     /// Opened on the staff endpoint: gets the desk snapshot and updates.
     desk: bool,
     /// Sends handed on and not yet settled; the SessionManager counts them down.
@@ -130,6 +134,7 @@ impl Accepted {
                 limits,
                 last_heard: Instant::now(),
                 allowed: HashSet::new(),
+                joined: HashSet::new(),
                 desk,
                 pending_acks: Arc::new(AtomicUsize::new(0)),
                 refused_in_a_row: 0,
@@ -207,11 +212,15 @@ impl WsSession {
                     return self.send(&frame, ctx);
                 }
                 self.with_access(session_id, ctx, move |act, session_id, _| {
-                    act.manager.do_send(Join {
-                        conn_id: act.id,
-                        session_id: session_id.clone(),
-                        after_seq: None,
-                    });
+                    // The sender is a member, to hear its own message: one `Join` per
+                    // conversation, not one per send (a mailbox message less each time).
+                    if act.joined.insert(session_id.clone()) {
+                        act.manager.do_send(Join {
+                            conn_id: act.id,
+                            session_id: session_id.clone(),
+                            after_seq: None,
+                        });
+                    }
                     // Counted down by the SessionManager when the ack or error goes out.
                     act.pending_acks.fetch_add(1, Ordering::Relaxed);
                     // Straight to the store; the outcome goes to the SessionManager, which
@@ -269,6 +278,7 @@ impl WsSession {
             }
             ClientFrame::Leave { session_id } => {
                 self.allowed.remove(&session_id);
+                self.joined.remove(&session_id);
                 self.manager.do_send(Leave {
                     conn_id: self.id,
                     session_id,
@@ -301,6 +311,9 @@ impl WsSession {
             _ => return,
         };
         self.with_access(session_id, ctx, move |act, session_id, _| {
+            if matches!(op, DeskOp::Unwatch) {
+                act.joined.remove(&session_id);
+            }
             act.manager.do_send(DeskCommand {
                 conn_id: act.id,
                 user: AgentView {
