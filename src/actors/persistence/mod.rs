@@ -246,8 +246,8 @@ impl From<DbError> for ApiError {
 #[derive(Clone)]
 pub struct Db {
     addr: Addr<Persistence>,
-    /// One single-thread writer per committer lane.
-    writers: Vec<Addr<Persistence>>,
+    /// One single-thread writer per committer lane (shared: every socket holds a `Db`).
+    writers: Arc<[Addr<Persistence>]>,
     backend: Backend,
     pool: DbPool,
 }
@@ -289,7 +289,8 @@ impl Db {
         let keep = pool.max_size() as usize >= 2 * lanes;
         let writers = (0..lanes)
             .map(|_| start(1, keep, checkpointer.clone()))
-            .collect();
+            .collect::<Vec<_>>()
+            .into();
         Ok(Db {
             addr,
             writers,

@@ -259,14 +259,17 @@ pub struct SessionManager {
 /// its message straight to the conversation's lane, and the outcome comes back to the
 /// SessionManager, which acknowledges and delivers it. Every write is counted until its
 /// outcome is back, so that shutdown waits for it; once shutdown began, a socket's message is
-/// given back, for the SessionManager to refuse.
+/// given back, for the SessionManager to refuse. Every socket holds one: a clone is one
+/// pointer.
 #[derive(Clone)]
-pub struct Writes {
+pub struct Writes(Arc<WritesShared>);
+
+struct WritesShared {
     committer: Committer,
     /// Handed to the committer, outcome not back yet.
-    pending: Arc<AtomicUsize>,
+    pending: AtomicUsize,
     /// Shutdown began: sockets' messages are not taken.
-    closing: Arc<AtomicBool>,
+    closing: AtomicBool,
 }
 
 impl Writes {
@@ -274,25 +277,26 @@ impl Writes {
     pub fn post(&self, msg: PostMessage) -> Result<(), Box<PostMessage>> {
         // Counted before `closing` is read, and `closing` is set before the count is read
         // (`SessionManager::check_drained`): one side always sees the other.
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        if self.closing.load(Ordering::SeqCst) {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+        self.0.pending.fetch_add(1, Ordering::SeqCst);
+        if self.0.closing.load(Ordering::SeqCst) {
+            self.0.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(Box::new(msg));
         }
-        self.committer.append(msg.into_append());
+        self.0.committer.append(msg.into_append());
         Ok(())
     }
 
     /// Hands a write to its lane whether or not shutdown began (an answer being stopped is
     /// still stored).
     fn store(&self, append: Append) {
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        self.committer.append(append);
+        self.0.pending.fetch_add(1, Ordering::SeqCst);
+        self.0.committer.append(append);
     }
 
     /// Outcomes came back for `n` writes.
     fn settled(&self, n: usize) {
         let _ = self
+            .0
             .pending
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
                 Some(p.saturating_sub(n))
@@ -300,7 +304,7 @@ impl Writes {
     }
 
     fn pending(&self) -> usize {
-        self.pending.load(Ordering::SeqCst)
+        self.0.pending.load(Ordering::SeqCst)
     }
 }
 
@@ -342,11 +346,11 @@ impl SessionManager {
     ) -> (Addr<SessionManager>, Writes) {
         let mut handed_out = None;
         let manager = SessionManager::create(|ctx| {
-            let writes = Writes {
+            let writes = Writes(Arc::new(WritesShared {
                 committer: Committer::new(db.clone(), batch_max, ctx.address().recipient()),
-                pending: Arc::new(AtomicUsize::new(0)),
-                closing: Arc::new(AtomicBool::new(false)),
-            };
+                pending: AtomicUsize::new(0),
+                closing: AtomicBool::new(false),
+            }));
             handed_out = Some(writes.clone());
             let mut manager = SessionManager {
                 writes,
@@ -820,7 +824,7 @@ impl Handler<Drain> for SessionManager {
         let first = self.draining.is_none();
         self.draining.get_or_insert_with(Vec::new).push(msg.done);
         // Before any count is read (see `Writes::post`).
-        self.writes.closing.store(true, Ordering::SeqCst);
+        self.writes.0.closing.store(true, Ordering::SeqCst);
         if !first {
             return;
         }
