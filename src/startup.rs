@@ -17,6 +17,7 @@ use crate::actors::persistence::Db;
 use crate::actors::session_manager::desk::DeskSettings;
 use crate::actors::session_manager::messages::Drain;
 use crate::actors::session_manager::{Coalescing, SessionManager, Writes};
+use crate::actors::ws_session::OpenSockets;
 use crate::auth::JwtKeys;
 use crate::cache::{AnswerCache, MemoryCache, MEMORY_CACHE_ENTRIES};
 use crate::config::Settings;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub manager: Addr<SessionManager>,
     /// Where sockets hand the messages they receive.
     pub writes: Writes,
+    /// The WebSockets open now (shutdown waits for them to close).
+    pub sockets: OpenSockets,
     /// The AI providers behind their retry and breaker policy.
     pub ai: Arc<Resilient>,
     pub limits: Arc<RateLimits>,
@@ -45,6 +48,7 @@ pub struct Application {
     port: u16,
     server: Server,
     manager: Addr<SessionManager>,
+    sockets: OpenSockets,
     shutdown_timeout: Duration,
 }
 
@@ -143,12 +147,14 @@ impl Application {
         )
         .start();
         let shutdown_timeout = settings.server.shutdown_timeout.get();
+        let sockets = OpenSockets::default();
         let state = web::Data::new(AppState {
             jwt: JwtKeys::new(&settings.auth)?,
             settings: Arc::new(settings.clone()),
             db,
             manager: manager.clone(),
             writes,
+            sockets: sockets.clone(),
             ai,
             limits: Arc::new(RateLimits::new(&settings.rate_limit)),
         });
@@ -173,6 +179,7 @@ impl Application {
             port,
             server,
             manager,
+            sockets,
             shutdown_timeout,
         })
     }
@@ -216,6 +223,17 @@ impl Application {
         let margin = self.shutdown_timeout + Duration::from_secs(1);
         if tokio::time::timeout(margin, drained).await.is_err() {
             log::warn!("the conversations did not drain in time");
+        }
+        // Each socket has been told to close; its task writes the close frame and ends. The
+        // HTTP server does not count these tasks, so they are waited for here.
+        if tokio::time::timeout(margin, self.sockets.all_closed())
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "{} WebSocket(s) still open after the grace period",
+                self.sockets.count()
+            );
         }
         handle.stop(true).await;
         server

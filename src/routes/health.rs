@@ -7,7 +7,8 @@ use crate::startup::AppState;
 
 const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `GET /health`: 200 when every component answers, else 503 naming what is down.
+/// `GET /health`: 200 when every component answers, else 503 naming what is down; also how
+/// many WebSockets this node holds open.
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let started = Instant::now();
     let check = state.db.run(|c| {
@@ -40,11 +41,13 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         .filter(|(_, c)| c["status"] != "up")
         .map(|(name, _)| name.as_str())
         .collect();
+    let websockets = json!({ "open": state.sockets.count() });
     if down.is_empty() {
         HttpResponse::Ok().json(json!({
             "status": "ok",
             "version": env!("CARGO_PKG_VERSION"),
             "components": components,
+            "websockets": websockets,
         }))
     } else {
         HttpResponse::ServiceUnavailable().json(json!({
@@ -53,6 +56,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             "message": format!("down: {}", down.join(", ")),
             "version": env!("CARGO_PKG_VERSION"),
             "components": components,
+            "websockets": websockets,
         }))
     }
 }

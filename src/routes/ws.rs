@@ -73,6 +73,7 @@ async fn upgrade(
         db: state.db.clone(),
         limits,
         desk: staff_only,
+        open: state.sockets.clone(),
     });
     Ok(res)
 }

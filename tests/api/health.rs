@@ -2,7 +2,15 @@
 
 use reqwest::Method;
 
-use crate::helpers::{assert_error, backend_name, drop_pg_database, expect_json, spawn_app};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::helpers::{
+    assert_error, backend_name, customer_with_session, drop_pg_database, expect_json, spawn_app,
+    TestApp,
+};
+use crate::ws::WsClient;
 
 #[tokio::test]
 async fn health_reports_each_component() {
@@ -32,6 +40,60 @@ async fn health_reports_each_component() {
         assert_eq!(max, u64::from(app.settings.database.max_open_conns));
         assert!(db["pool"]["open"].as_u64().is_some_and(|open| open <= max));
     }
+}
+
+async fn health(app: &TestApp) -> Value {
+    expect_json(
+        app.client.get(app.url("/health")).send().await.unwrap(),
+        200,
+    )
+    .await
+}
+
+/// Waits (up to 10 s) for `/health` to count `n` open WebSockets; the count as last seen.
+async fn open_websockets(app: &TestApp, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = health(app).await["websockets"]["open"]
+            .as_u64()
+            .expect("websockets.open");
+        if open == n || Instant::now() > deadline {
+            return open;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `/health` counts the WebSockets open on this node: each from its `hello` until it closes,
+/// whoever closes it. Shutdown waits on the same count for every socket's close frame.
+#[tokio::test]
+async fn health_counts_the_open_websockets() {
+    let app = spawn_app().await;
+    assert_eq!(open_websockets(&app, 0).await, 0);
+    let (token, _) = customer_with_session(&app).await;
+    let first = WsClient::customer(&app, &token).await;
+    let mut second = WsClient::customer(&app, &token).await;
+    assert_eq!(open_websockets(&app, 2).await, 2);
+    first.close().await;
+    assert_eq!(open_websockets(&app, 1).await, 1);
+    // Refused upgrades are never counted.
+    let refused = app
+        .client
+        .get(app.url("/api/v1/chat/ws?token=not-a-token"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(open_websockets(&app, 1).await, 1);
+    // A socket the server closes (a frame over the size limit) is uncounted too.
+    second
+        .send_text(&"x".repeat(app.settings.realtime.max_frame_bytes + 1))
+        .await;
+    assert_eq!(open_websockets(&app, 0).await, 0);
 }
 
 /// A database that disappears under a running server: `/health` answers 503 and names it.

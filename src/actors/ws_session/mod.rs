@@ -27,7 +27,7 @@ use actix_http::ws::ProtocolError;
 use bytes::BytesMut;
 use bytestring::ByteString;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::actors::persistence::Db;
 use crate::actors::session_manager::messages::{
@@ -99,12 +99,56 @@ pub struct Accepted {
     pub limits: Limits,
     /// Opened on the staff endpoint.
     pub desk: bool,
+    /// Counts this socket while it is open.
+    pub open: OpenSockets,
+}
+
+/// How many WebSockets are open. Each runs as a task of its own, which the HTTP server does
+/// not wait for when it stops; shutdown waits for this to reach 0 instead, so that every
+/// socket has written its close frame first.
+#[derive(Clone)]
+pub struct OpenSockets(Arc<watch::Sender<usize>>);
+
+impl Default for OpenSockets {
+    fn default() -> OpenSockets {
+        OpenSockets(Arc::new(watch::Sender::new(0)))
+    }
+}
+
+impl OpenSockets {
+    /// Counts one more socket until the guard is dropped.
+    fn opened(&self) -> OpenSocket {
+        self.0.send_modify(|n| *n += 1);
+        OpenSocket(self.0.clone())
+    }
+
+    /// The sockets open now.
+    pub fn count(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Returns once no socket is open.
+    pub async fn all_closed(&self) {
+        let mut open = self.0.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = open.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// One open socket, counted in [`OpenSockets`] until dropped.
+struct OpenSocket(Arc<watch::Sender<usize>>);
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Accepted {
     /// Starts the actor on the socket and then writes to it until the connection ends.
     /// `read` holds whatever the client sent right after its upgrade request.
     pub async fn run(self, io: TcpStream, read: BytesMut) {
+        let _open = self.open.opened();
         // Frames are gathered into writes by the writer; Nagle would only add delay.
         if let Err(e) = io.set_nodelay(true) {
             log::debug!("setting TCP_NODELAY: {e}");
@@ -117,6 +161,7 @@ impl Accepted {
             db,
             limits,
             desk,
+            open: _,
         } = self;
         let (outbox, rx) = mpsc::channel(limits.outbound_queue.max(1));
         let (kill, killed) = oneshot::channel();

@@ -3,7 +3,8 @@
 //! Two halves: [`FrameReader`] is a stream of whole messages that the WsSession actor polls
 //! (so while the actor waits, the socket is not read), and [`write_loop`] drains the
 //! connection's bounded outbound queue into the socket, many queued frames to one write. The
-//! loop runs as the connection's own task, the one actix-server started for the socket.
+//! loop runs as the socket's own task, started once the upgrade's answer is written
+//! (`crate::server`).
 //!
 //! Nothing is buffered while a connection is idle: bytes are read into a buffer on the stack and
 //! kept only while a frame is incomplete, and the write buffer lives for one write. An idle
