@@ -276,7 +276,7 @@ impl Writes {
     /// Hands a socket's message to its lane, or gives it back once shutdown began.
     pub fn post(&self, msg: PostMessage) -> Result<(), Box<PostMessage>> {
         // Counted before `closing` is read, and `closing` is set before the count is read
-        // (`SessionManager::check_drained`): one side always sees the other.
+        // (`close`, then `pending`): one side always sees the other.
         self.0.pending.fetch_add(1, Ordering::SeqCst);
         if self.0.closing.load(Ordering::SeqCst) {
             self.0.pending.fetch_sub(1, Ordering::SeqCst);
@@ -284,6 +284,12 @@ impl Writes {
         }
         self.0.committer.append(msg.into_append());
         Ok(())
+    }
+
+    /// Shutdown began: sockets' messages are given back from now on. Called before the count
+    /// of writes in flight is read for the drain.
+    fn close(&self) {
+        self.0.closing.store(true, Ordering::SeqCst);
     }
 
     /// Hands a write to its lane whether or not shutdown began (an answer being stopped is
@@ -824,7 +830,7 @@ impl Handler<Drain> for SessionManager {
         let first = self.draining.is_none();
         self.draining.get_or_insert_with(Vec::new).push(msg.done);
         // Before any count is read (see `Writes::post`).
-        self.writes.0.closing.store(true, Ordering::SeqCst);
+        self.writes.close();
         if !first {
             return;
         }
