@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
+use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamp};
 use diesel::sqlite::Sqlite;
@@ -152,7 +153,8 @@ pub fn append_batch(
 
 /// PostgreSQL: the whole batch is one call of `switchboard_append` (its migration holds the
 /// rules, the same as SQLite's below), so a batch costs one round trip to the server instead
-/// of BEGIN, five statements and COMMIT. A single statement is its own transaction.
+/// of BEGIN, five statements and COMMIT. A single statement is its own transaction. The call is
+/// kept prepared, so the server does not parse and plan it again for every batch.
 fn append_batch_pg(
     pg: &mut PgConnection,
     batch: &[NewMessage],
@@ -161,22 +163,18 @@ fn append_batch_pg(
         return Ok(Vec::new());
     }
     let now = super::now();
-    let rows: Vec<AppendRow> =
-        diesel::sql_query("SELECT * FROM switchboard_append($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-            .bind::<Array<Text>, _>(batch.iter().map(|m| &m.session_id).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(batch.iter().map(|m| m.role).collect::<Vec<_>>())
-            .bind::<Array<Nullable<Text>>, _>(
-                batch.iter().map(|m| &m.author_id).collect::<Vec<_>>(),
-            )
-            .bind::<Array<Text>, _>(batch.iter().map(|m| &m.content).collect::<Vec<_>>())
-            .bind::<Array<Nullable<Text>>, _>(
-                batch.iter().map(|m| &m.client_id).collect::<Vec<_>>(),
-            )
-            .bind::<Array<Bool>, _>(batch.iter().map(|m| m.interrupted).collect::<Vec<_>>())
-            .bind::<Array<Nullable<Text>>, _>(batch.iter().map(|m| &m.model).collect::<Vec<_>>())
-            .bind::<Array<Nullable<Integer>>, _>(batch.iter().map(|m| m.tokens).collect::<Vec<_>>())
-            .bind::<Timestamp, _>(now)
-            .load(pg)?;
+    let rows: Vec<AppendRow> = Kept(AppendPg {
+        sessions: batch.iter().map(|m| m.session_id.as_str()).collect(),
+        roles: batch.iter().map(|m| m.role).collect(),
+        authors: batch.iter().map(|m| m.author_id.as_deref()).collect(),
+        contents: batch.iter().map(|m| m.content.as_str()).collect(),
+        clients: batch.iter().map(|m| m.client_id.as_deref()).collect(),
+        interrupted: batch.iter().map(|m| m.interrupted).collect(),
+        models: batch.iter().map(|m| m.model.as_deref()).collect(),
+        tokens: batch.iter().map(|m| m.tokens).collect(),
+        now,
+    })
+    .load(pg)?;
     if rows.len() != batch.len() {
         return Err(unexpected(format!(
             "switchboard_append answered {} rows for {} messages",
@@ -395,6 +393,38 @@ fn stored_ids(conn: &mut SqliteConnection, pairs: &[(&str, &str)]) -> QueryResul
 
 fn to_json<T: Serialize + ?Sized>(value: &T) -> QueryResult<String> {
     serde_json::to_string(value).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
+}
+
+/// PostgreSQL: a batch, one array per column, in the batch's order.
+struct AppendPg<'a> {
+    sessions: Vec<&'a str>,
+    roles: Vec<&'a str>,
+    authors: Vec<Option<&'a str>>,
+    contents: Vec<&'a str>,
+    clients: Vec<Option<&'a str>>,
+    interrupted: Vec<bool>,
+    models: Vec<Option<&'a str>>,
+    tokens: Vec<Option<i32>>,
+    now: NaiveDateTime,
+}
+
+impl Statement for AppendPg<'_> {
+    const SQL: &'static str = "SELECT * FROM switchboard_append(?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    type Key = AppendPg<'static>;
+}
+
+impl BindTo<Pg> for AppendPg<'_> {
+    fn bind<'b>(&'b self, values: &mut Values<'_, '_, 'b, Pg>) -> QueryResult<()> {
+        values.push::<Array<Text>, _>(&self.sessions)?;
+        values.push::<Array<Text>, _>(&self.roles)?;
+        values.push::<Array<Nullable<Text>>, _>(&self.authors)?;
+        values.push::<Array<Text>, _>(&self.contents)?;
+        values.push::<Array<Nullable<Text>>, _>(&self.clients)?;
+        values.push::<Array<Bool>, _>(&self.interrupted)?;
+        values.push::<Array<Nullable<Text>>, _>(&self.models)?;
+        values.push::<Array<Nullable<Integer>>, _>(&self.tokens)?;
+        values.push::<Timestamp, _>(&self.now)
+    }
 }
 
 // SQLite: the group commit's own statements, kept prepared (see `crate::db::kept`).
