@@ -171,22 +171,22 @@ fn usage_of(s: &[Sample]) -> Usage {
     } else {
         0.0
     };
-    let write_mb_per_s = match (first.write_bytes, last.write_bytes) {
-        (Some(a), Some(b)) if seconds > 0.0 => Some(b.saturating_sub(a) as f64 / 1e6 / seconds),
-        _ => None,
-    };
-    // A thread that ended within the window takes its count with it: never below zero.
-    let wait_percent = match (first.run_delay_ns, last.run_delay_ns) {
-        (Some(a), Some(b)) if seconds > 0.0 => {
-            Some(b.saturating_sub(a) as f64 / 1e9 / seconds * 100.0)
-        }
-        _ => None,
-    };
+    let per_second = |a: Option<u64>, b: Option<u64>| growth_per_second(a, b, seconds);
     Usage {
         cpu_percent: cpu,
         rss_max_kib: s.iter().map(|x| x.rss_kib).max().unwrap_or(0),
-        write_mb_per_s,
-        wait_percent,
+        write_mb_per_s: per_second(first.write_bytes, last.write_bytes).map(|b| b / 1e6),
+        wait_percent: per_second(first.run_delay_ns, last.run_delay_ns).map(|ns| ns / 1e9 * 100.0),
+    }
+}
+
+/// How fast a counter grew from `a` to `b` over `seconds`; `None` where either reading is
+/// missing or no time passed. Never below zero: a thread that ended within the window takes
+/// its part of a summed count with it.
+fn growth_per_second(a: Option<u64>, b: Option<u64>, seconds: f64) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if seconds > 0.0 => Some(b.saturating_sub(a) as f64 / seconds),
+        _ => None,
     }
 }
 
