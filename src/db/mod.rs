@@ -9,6 +9,7 @@ mod checkpoint;
 mod kept;
 pub mod models;
 pub mod schema;
+mod wal_writes;
 
 pub use checkpoint::{Checkpointer, COPY_EVERY, WAL_LONG_PAGES};
 
@@ -138,6 +139,7 @@ impl ConnectionManager {
         match self.url.backend {
             Backend::Postgres => Ok(DbConnection::Pg(PgConnection::establish(&self.url.target)?)),
             Backend::Sqlite => {
+                wal_writes::install();
                 let mut conn = SqliteConnection::establish(&self.url.target)?;
                 // busy_timeout first: switching to WAL takes a lock that connections opened
                 // at the same moment must wait for rather than fail on.
