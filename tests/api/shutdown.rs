@@ -1,5 +1,5 @@
 //! SIGTERM drains the real binary: answers in flight are stored as interrupted, sockets are
-//! closed with a reason, and the process exits 0.
+//! closed with a reason, and the process exits 0. SIGKILL loses nothing that was acknowledged.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -498,4 +498,72 @@ async fn sigterm_closes_dashboards_too_and_the_human_queue_outlives_the_node() {
     assert_eq!(queued["session_id"], sid.as_str(), "{snapshot}");
     assert_eq!(queued["mode"], "ai", "{snapshot}");
     assert!(queued["assigned_agent"].is_null(), "{snapshot}");
+}
+
+/// Killed without warning (SIGKILL) while messages are still arriving, the server keeps every
+/// message it acknowledged, with the seq the ack gave: an ack leaves only once its commit is in
+/// the store's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_keeps_every_message_it_acknowledged() {
+    let db = TestDatabase::new();
+    let mut server = start_server(
+        &db.url,
+        &[
+            ("RATE_LIMIT_WS_FRAMES_PER_SECOND", "0"),
+            ("RATE_LIMIT_MESSAGES_PER_MINUTE", "0"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut conversations = Vec::new();
+    for _ in 0..4 {
+        let (token, sid) = guest_with_session(&http, &base).await;
+        conversations.push((sid, connect_customer(&server, &token).await));
+    }
+    let content = |sid: &str, i: usize| format!("message {i} in {sid}");
+    for i in 0..300 {
+        for (sid, ws) in &mut conversations {
+            ws.send_message(sid, &format!("k-{i}"), &content(sid, i))
+                .await;
+        }
+    }
+    // Kill it once the first conversation has 50 acks, with most messages still to store.
+    let mut read = vec![Vec::new(); conversations.len()];
+    let mut first_acks = 0;
+    while first_acks < 50 {
+        let frame = conversations[0].1.next().await;
+        first_acks += usize::from(frame["type"] == "ack");
+        read[0].push(frame);
+    }
+    server.child.kill().expect("killing the server");
+    server.child.wait().unwrap();
+
+    let mut acked = 0;
+    for ((sid, ws), mut frames) in conversations.iter_mut().zip(read) {
+        let drained = ws
+            .drain(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|d| panic!("the socket outlived the server: {:?}", d.frames));
+        frames.extend(drained.frames);
+        let acks: Vec<&Value> = frames.iter().filter(|f| f["type"] == "ack").collect();
+        acked += acks.len();
+        let url = db.url.clone();
+        let id = sid.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            message::page(&mut connect(&url), &id, Order::Asc, None, 1000).unwrap()
+        })
+        .await
+        .unwrap();
+        for ack in acks {
+            let client_id = ack["client_id"].as_str().unwrap();
+            let row = rows
+                .iter()
+                .find(|m| m.client_id.as_deref() == Some(client_id))
+                .unwrap_or_else(|| panic!("acknowledged but not stored: {ack}"));
+            assert_eq!(Some(row.seq), ack["seq"].as_i64(), "{ack}");
+            let i: usize = client_id["k-".len()..].parse().unwrap();
+            assert_eq!(row.content, content(sid, i));
+        }
+    }
+    assert!(acked > 0, "nothing was acknowledged before the kill");
 }
