@@ -1,4 +1,5 @@
-//! SQLite: a commit's WAL frames reach the file in two writes instead of two per page.
+//! SQLite: a commit's WAL frames reach the file in two writes (one more per 120 KiB) instead of
+//! two per page.
 //!
 //! SQLite appends a commit to the `-wal` file a frame at a time, and each frame as two writes:
 //! its 24-byte header, then the page. At 5,000 messages a second that was about 40,000 `pwrite`
@@ -28,7 +29,7 @@ use std::sync::Once;
 
 use libsqlite3_sys as ffi;
 
-/// The VFS's name (`PRAGMA` and URIs can name it; it is also the default once installed).
+/// The VFS's name (a URI can name it with `?vfs=`; it is also the default once installed).
 const NAME: &CStr = c"switchboard-wal";
 
 /// The most bytes written at once. SQLite's unix VFS writes less than 128 KiB in one call (it
