@@ -403,20 +403,21 @@ mod tests {
             .n
     }
 
-    /// What the files hold right now, as a crash would leave them: the database and its WAL,
-    /// copied while the writer's connection is still open, then opened elsewhere.
-    fn after_a_crash(dir: &tempfile::TempDir) -> SqliteConnection {
-        let copy = dir.path().join("copy");
-        std::fs::create_dir(&copy).unwrap();
-        std::fs::copy(dir.path().join("db"), copy.join("db")).unwrap();
-        std::fs::copy(dir.path().join("db-wal"), copy.join("db-wal")).unwrap();
-        let mut conn = SqliteConnection::establish(copy.join("db").to_str().unwrap()).unwrap();
+    /// The rows the files hold right now, as a crash would leave them: the database and its
+    /// WAL, copied while the writer's connection is still open, then opened elsewhere and
+    /// checked whole.
+    fn rows_after_a_crash(dir: &tempfile::TempDir) -> i64 {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("db"), copy.path().join("db")).unwrap();
+        std::fs::copy(dir.path().join("db-wal"), copy.path().join("db-wal")).unwrap();
+        let mut conn =
+            SqliteConnection::establish(copy.path().join("db").to_str().unwrap()).unwrap();
         let check: Vec<Check> = diesel::sql_query("PRAGMA integrity_check")
             .load(&mut conn)
             .unwrap();
         assert_eq!(check.len(), 1);
         assert_eq!(check[0].integrity_check, "ok");
-        conn
+        rows(&mut conn)
     }
 
     #[derive(QueryableByName)]
@@ -449,11 +450,10 @@ mod tests {
                 .unwrap();
                 stored += batch;
                 assert_eq!(
-                    rows(&mut after_a_crash(&dir)),
+                    rows_after_a_crash(&dir),
                     stored,
                     "cache of {cache_pages} pages"
                 );
-                std::fs::remove_dir_all(dir.path().join("copy")).unwrap();
             }
             // The writer's own connection reads what it wrote, and so does another.
             assert_eq!(rows(&mut conn), stored);
@@ -480,7 +480,7 @@ mod tests {
         .unwrap();
         conn.batch_execute("INSERT INTO t (k, body) VALUES ('a', 'b'), ('c', 'd')")
             .unwrap();
-        assert_eq!(rows(&mut after_a_crash(&dir)), 2);
+        assert_eq!(rows_after_a_crash(&dir), 2);
         assert_eq!(rows(&mut conn), 2);
     }
 }
