@@ -155,6 +155,7 @@ mod tests {
     /// A connection to a fresh in-memory table `t`, and the SQL of each statement it prepares
     /// to keep.
     fn table() -> (SqliteConnection, Arc<Mutex<Vec<String>>>) {
+        crate::db::prepare_sqlite();
         let mut conn = SqliteConnection::establish(":memory:").unwrap();
         conn.batch_execute(
             "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL); \

@@ -8,6 +8,7 @@
 mod checkpoint;
 mod kept;
 pub mod models;
+mod page_cache;
 pub mod schema;
 mod wal_writes;
 
@@ -139,7 +140,7 @@ impl ConnectionManager {
         match self.url.backend {
             Backend::Postgres => Ok(DbConnection::Pg(PgConnection::establish(&self.url.target)?)),
             Backend::Sqlite => {
-                wal_writes::install();
+                prepare_sqlite();
                 let mut conn = SqliteConnection::establish(&self.url.target)?;
                 // busy_timeout first: switching to WAL takes a lock that connections opened
                 // at the same moment must wait for rather than fail on.
@@ -164,6 +165,13 @@ impl ConnectionManager {
             }
         }
     }
+}
+
+/// Puts this process's layers in front of SQLite's page cache and its files. Before the
+/// process's first SQLite connection: SQLite takes a page cache only before it starts.
+pub(crate) fn prepare_sqlite() {
+    page_cache::install();
+    wal_writes::install();
 }
 
 impl r2d2::ManageConnection for ConnectionManager {

@@ -377,8 +377,6 @@ mod tests {
     use diesel::prelude::*;
     use diesel::sql_types::BigInt;
 
-    use super::install;
-
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
@@ -386,7 +384,7 @@ mod tests {
     }
 
     fn open(path: &std::path::Path, cache_pages: u32) -> SqliteConnection {
-        install();
+        crate::db::prepare_sqlite();
         let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
         conn.batch_execute(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
