@@ -330,44 +330,42 @@ mod tests {
         assert_eq!(bound.truncate(41), Truncation::Nothing);
     }
 
-    #[test]
-    fn the_bound_stays_above_every_page_whatever_happens_while_one_is_parked() {
-        // A page fetched meanwhile counts once the parked one comes back.
+    /// A cache holding pages up to 10, with page 9 (the pointer `PAGE`) parked at 262,145.
+    fn one_parked() -> Bound {
         let mut bound = Bound::default();
         bound.holds(10);
         bound.renumbered(PAGE, 9, 262_145);
+        bound
+    }
+
+    #[test]
+    fn the_bound_stays_above_every_page_whatever_happens_while_one_is_parked() {
+        // A page fetched meanwhile counts once the parked one comes back.
+        let mut bound = one_parked();
         bound.holds(12);
         bound.renumbered(PAGE, 262_145, 3);
         assert_eq!(bound.max, 12);
         assert_eq!(bound.truncate(12), Truncation::Passed);
 
         // The parked page discarded: the others' bound again.
-        let mut bound = Bound::default();
-        bound.holds(10);
-        bound.renumbered(PAGE, 9, 262_145);
+        let mut bound = one_parked();
         bound.discarded(2 * PAGE);
         assert_eq!(bound.max, 262_145);
         bound.discarded(PAGE);
         assert_eq!(bound.max, 10);
 
         // Two pages past the end at once, or one higher still: no guess, the highest stays.
-        let mut bound = Bound::default();
-        bound.holds(10);
-        bound.renumbered(PAGE, 9, 262_145);
+        let mut bound = one_parked();
         bound.renumbered(2 * PAGE, 8, 262_146);
         bound.renumbered(PAGE, 262_145, 9);
         assert_eq!(bound.max, 262_146);
-        let mut bound = Bound::default();
-        bound.holds(10);
-        bound.renumbered(PAGE, 9, 262_145);
+        let mut bound = one_parked();
         bound.holds(300_000);
         bound.renumbered(PAGE, 262_145, 9);
         assert_eq!(bound.max, 300_000);
 
         // A page that comes back somewhere else than from the parking place keeps it.
-        let mut bound = Bound::default();
-        bound.holds(10);
-        bound.renumbered(PAGE, 9, 262_145);
+        let mut bound = one_parked();
         bound.renumbered(2 * PAGE, 262_145, 4);
         assert_eq!(bound.max, 262_145);
     }
@@ -412,7 +410,7 @@ mod tests {
         let mut conn =
             SqliteConnection::establish(dir.path().join("db").to_str().unwrap()).unwrap();
         conn.batch_execute(
-            "PRAGMA journal_mode = WAL; PRAGMA cache_size = 2000; \
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = 2000; \
              CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER NOT NULL, pad TEXT NOT NULL);",
         )
         .unwrap();
