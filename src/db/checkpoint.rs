@@ -134,8 +134,8 @@ impl Checkpointer {
                         Ok(Some(pass)) => match passes.next(pass, long_pages) {
                             Next::Wait => {}
                             Next::Again => wait = Duration::ZERO,
-                            Next::AskTheWriter => {
-                                if pass.copied <= CAUGHT_UP_PAGES {
+                            Next::AskTheWriter { caught_up } => {
+                                if caught_up {
                                     passes.before_the_writer(&pool);
                                 }
                                 long.store(true, Ordering::Relaxed);
@@ -192,8 +192,9 @@ enum Next {
     Wait,
     /// The WAL is long: copy again at once, to leave the writer little.
     Again,
-    /// The WAL is long and little was left: the writer is to copy the rest and start it over.
-    AskTheWriter,
+    /// The WAL is long: the writer is to copy the rest and start it over. `caught_up` where
+    /// the last copy found little left (else writes outpaced the copies).
+    AskTheWriter { caught_up: bool },
 }
 
 /// The checkpoint thread's state from one checkpoint to the next.
@@ -296,12 +297,13 @@ impl Passes {
             self.catching_up = 0;
             return Next::Wait;
         }
-        if pass.copied <= CAUGHT_UP_PAGES
+        let caught_up = pass.copied <= CAUGHT_UP_PAGES;
+        if caught_up
             || self.catching_up >= CATCH_UP_PASSES_MAX
             || pass.wal >= long_pages / 4 * CATCH_UP_WAL_QUARTERS
         {
             self.catching_up = 0;
-            return Next::AskTheWriter;
+            return Next::AskTheWriter { caught_up };
         }
         self.catching_up += 1;
         Next::Again
@@ -475,15 +477,19 @@ mod tests {
             (999, 900, Next::Wait),
             (1_000, 900, Next::Again),
             (1_100, 600, Next::Again),
-            (1_150, CAUGHT_UP_PAGES, Next::AskTheWriter),
+            (
+                1_150,
+                CAUGHT_UP_PAGES,
+                Next::AskTheWriter { caught_up: true },
+            ),
         ];
         // Writes that outpace the copies: so many copies in a row at most, counted afresh after,
         steps.extend((0..CATCH_UP_PASSES_MAX).map(|_| (1_100, 700, Next::Again)));
-        steps.push((1_100, 700, Next::AskTheWriter));
+        steps.push((1_100, 700, Next::AskTheWriter { caught_up: false }));
         steps.push((1_100, 700, Next::Again));
         // and a WAL a quarter longer at most.
         steps.push((1_249, 700, Next::Again));
-        steps.push((1_250, 700, Next::AskTheWriter));
+        steps.push((1_250, 700, Next::AskTheWriter { caught_up: false }));
 
         let mut passes = Passes::default();
         for (i, (wal, copied, next)) in steps.into_iter().enumerate() {
