@@ -732,6 +732,39 @@ async fn a_client_that_does_not_read_is_dropped_without_slowing_others() {
     }
 }
 
+/// A client that sends faster than it reads what comes back is slowed down, not dropped:
+/// the server stops reading it while its outbound queue is low on room. Here the `pong`s of
+/// 10,000 `ping`s of 1 KB (10 MB) would outgrow the queue and the sockets' buffers while the
+/// client is not reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_faster_than_it_reads_is_slowed_not_dropped() {
+    const PINGS: usize = 10_000;
+    let app = spawn_app_with(|s| s.rate_limit.ws_frames_per_second = 0).await;
+    let (token, _, _) = customer_with_session(&app).await;
+    let (mut sink, mut stream) = WsClient::customer(&app, &token).await.split();
+    let nonce = |i: usize| format!("p-{i}-{}", "x".repeat(1000));
+    let sending = tokio::spawn(async move {
+        for i in 0..PINGS {
+            let ping = json!({"type": "ping", "nonce": nonce(i)}).to_string();
+            sink.feed(Message::Text(ping)).await.unwrap();
+        }
+        sink.flush().await.unwrap();
+        sink
+    });
+    // Not reading for a second, while the pings go out.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut next = 0;
+    let frames = read_until(&mut stream, Duration::from_secs(10), |f| {
+        assert_eq!(f["type"], "pong", "frame {next}: {f}");
+        assert_eq!(f["nonce"], nonce(next), "frame {next}: {f}");
+        next += 1;
+        next == PINGS
+    })
+    .await;
+    assert_eq!(frames.len(), PINGS);
+    let _sink = sending.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_provider_costs_only_its_own_answer() {
     let app = spawn_app_with(|s| {

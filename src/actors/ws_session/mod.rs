@@ -12,7 +12,9 @@
 //! What one client can make the node hold is bounded here: frames are read one at a time
 //! (the socket waits meanwhile), each takes a token from this socket's budget (over it:
 //! `rate_limited`, and a close if the client keeps on), each `send` a token from the user's
-//! message budget, and at most `max_pending_acks` sends wait for their ack at once.
+//! message budget, and at most `max_pending_acks` sends wait for their ack at once. No frame
+//! is read while the outbound queue is low on room, so that answering a client's own frames
+//! does not fill its queue.
 
 pub mod messages;
 pub mod socket;
@@ -27,7 +29,7 @@ use actix_http::ws::ProtocolError;
 use bytes::BytesMut;
 use bytestring::ByteString;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::actors::persistence::Db;
 use crate::actors::session_manager::messages::{
@@ -41,9 +43,12 @@ use crate::protocol::{self, AgentView, ClientFrame, ServerFrame};
 use crate::ratelimit::{Bucket, RateLimits};
 
 pub use messages::Kick;
-use socket::{FrameReader, Inbound};
+use socket::{FrameReader, Inbound, Room};
 
 const MAX_SESSION_ID_BYTES: usize = 64;
+/// Outbound slots the reader keeps free beyond the acks and echoes of the sends in flight:
+/// for answers' tokens, presence, typing and other members' messages.
+const ROOM_FOR_OTHERS: usize = 32;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -165,8 +170,12 @@ impl Accepted {
         } = self;
         let (outbox, rx) = mpsc::channel(limits.outbound_queue.max(1));
         let (kill, killed) = oneshot::channel();
+        let made_room = Arc::new(Notify::new());
+        // Each send still waiting for its ack has two frames coming: the ack and the echo.
+        let headroom = 2 * limits.max_pending_acks + ROOM_FOR_OTHERS;
+        let room = Room::new(outbox.clone(), headroom, made_room.clone());
         WsSession::create(move |ctx| {
-            ctx.add_stream(FrameReader::new(reader, read, limits.max_frame_bytes));
+            ctx.add_stream(FrameReader::new(reader, read, limits.max_frame_bytes, room));
             WsSession {
                 id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
                 user,
@@ -185,7 +194,7 @@ impl Accepted {
                 refused_in_a_row: 0,
             }
         });
-        socket::write_loop(writer, rx, killed).await;
+        socket::write_loop(writer, rx, killed, made_room).await;
     }
 }
 

@@ -6,12 +6,19 @@
 //! loop runs as the socket's own task, started once the upgrade's answer is written
 //! (`crate::server`).
 //!
+//! The reader also waits while the outbound queue is low on room ([`Room`]): a client that
+//! sends faster than it reads what comes back is slowed down by TCP, and the queue keeps room
+//! for what the client's own sends still have coming (their acks and echoes). Only a client
+//! that does not read what others send it fills the queue, and is dropped as a slow consumer.
+//!
 //! Nothing is buffered while a connection is idle: bytes are read into a buffer on the stack and
 //! kept only while a frame is incomplete, and the write buffer lives for one write. An idle
 //! socket costs the actor, its queue and the task, not two HTTP buffers of 8 KiB.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -22,7 +29,8 @@ use bytestring::ByteString;
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::Kick;
 use crate::actors::session_manager::messages::Out;
@@ -51,10 +59,53 @@ struct Partial {
     bytes: BytesMut,
 }
 
+/// Room left in a connection's outbound queue, as the reader sees it: it takes no message
+/// from the client while fewer than `headroom` slots are free, and the writer says when it
+/// has made room.
+pub struct Room {
+    outbox: mpsc::Sender<Out>,
+    headroom: usize,
+    made: Arc<Notify>,
+    waiting: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl Room {
+    /// Keeps `headroom` slots of `outbox` free for what is already on its way (at most the
+    /// queue's size); the writer calls [`Notify::notify_one`] on `made` after each write.
+    pub fn new(outbox: mpsc::Sender<Out>, headroom: usize, made: Arc<Notify>) -> Room {
+        Room {
+            headroom: headroom.clamp(1, outbox.max_capacity()),
+            outbox,
+            made,
+            waiting: None,
+        }
+    }
+
+    /// Ready once the queue has room (or is closed: then nothing waits for it).
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.outbox.capacity() >= self.headroom || self.outbox.is_closed() {
+                self.waiting = None;
+                return Poll::Ready(());
+            }
+            // `notify_one` keeps a wake-up for a waiter that comes later, so one the writer
+            // sent between the check above and this is not lost: the loop checks again.
+            let made = self.made.clone();
+            let waiting = self
+                .waiting
+                .get_or_insert_with(|| Box::pin(made.notified_owned()));
+            ready!(waiting.as_mut().poll(cx));
+            self.waiting = None;
+        }
+    }
+}
+
 /// Reads whole messages off the socket. Frames and joined messages over `max_bytes` are a
 /// [`ProtocolError::Overflow`]; after any error the stream ends.
 pub struct FrameReader {
     io: OwnedReadHalf,
+    /// Waited for before each message is handed on.
+    room: Room,
     /// Bytes read and not yet decoded: empty (and unallocated) between frames.
     buf: BytesMut,
     codec: Codec,
@@ -65,9 +116,10 @@ pub struct FrameReader {
 
 impl FrameReader {
     /// `read` holds what the client sent after its upgrade request, if anything.
-    pub fn new(io: OwnedReadHalf, read: BytesMut, max_bytes: usize) -> FrameReader {
+    pub fn new(io: OwnedReadHalf, read: BytesMut, max_bytes: usize, room: Room) -> FrameReader {
         FrameReader {
             io,
+            room,
             buf: read,
             codec: Codec::new().max_size(max_bytes),
             max_bytes,
@@ -141,6 +193,7 @@ impl Stream for FrameReader {
             if this.ended {
                 return Poll::Ready(None);
             }
+            ready!(this.room.poll_room(cx));
             match this.decode() {
                 Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
                 Ok(None) => {}
@@ -174,10 +227,23 @@ impl Stream for FrameReader {
 /// Drains the outbound queue into the socket until the queue closes or `killed` fires. When
 /// `killed` fires it stops at once, past whatever is queued, says why in an `error` frame and a
 /// close frame (giving up after a grace period if the client is not reading), and ends.
+/// `made_room` is told after each write, and at the end: a reader waiting for room then sees
+/// the queue closed.
 pub async fn write_loop(
+    socket: OwnedWriteHalf,
+    rx: mpsc::Receiver<Out>,
+    killed: oneshot::Receiver<Kick>,
+    made_room: Arc<Notify>,
+) {
+    write_until_the_end(socket, rx, killed, &made_room).await;
+    made_room.notify_one();
+}
+
+async fn write_until_the_end(
     mut socket: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Out>,
     mut killed: oneshot::Receiver<Kick>,
+    made_room: &Notify,
 ) {
     let mut codec = Codec::new();
     loop {
@@ -219,6 +285,7 @@ pub async fn write_loop(
             if written.is_err() {
                 return; // the client is gone; the actor sees its read half end
             }
+            made_room.notify_one();
         }
         if let Some(kick) = closing {
             return goodbye(socket, &mut codec, kick).await;
