@@ -5,10 +5,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchboard::db::models::message::{self, Order};
 use switchboard::db::models::ChatMessage;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use switchboard::db::models::Role;
 
@@ -515,36 +520,57 @@ async fn a_killed_server_keeps_every_message_it_acknowledged() {
     );
     let base = format!("http://127.0.0.1:{}", server.port);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let content = |sid: &str, i: usize| format!("message {i} in {sid}");
+    // Each client reads while it sends, as a real one does: one that only sends would be
+    // disconnected as a slow consumer once its acks and echoes outgrow the socket's buffers.
+    let (fifty_acks, mut first_has_fifty) = tokio::sync::watch::channel(false);
+    let mut fifty_acks = Some(fifty_acks);
     let mut conversations = Vec::new();
     for _ in 0..4 {
         let (token, sid) = guest_with_session(&http, &base).await;
-        conversations.push((sid, connect_customer(&server, &token).await));
-    }
-    let content = |sid: &str, i: usize| format!("message {i} in {sid}");
-    for i in 0..300 {
-        for (sid, ws) in &mut conversations {
-            ws.send_message(sid, &format!("k-{i}"), &content(sid, i))
-                .await;
-        }
+        let (mut sink, stream) = connect_customer(&server, &token).await.split();
+        let reader = tokio::spawn(read_until_the_end(stream, fifty_acks.take()));
+        let texts: Vec<String> = (0..300)
+            .map(|i| {
+                json!({
+                    "type": "send", "session_id": sid, "client_id": format!("k-{i}"),
+                    "content": content(&sid, i)
+                })
+                .to_string()
+            })
+            .collect();
+        // Sending stops at the first error: the server is gone.
+        let writer = tokio::spawn(async move {
+            for text in texts {
+                if sink.send(Message::Text(text)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        conversations.push((sid, reader, writer));
     }
     // Kill it once the first conversation has 50 acks, with most messages still to store.
-    let mut read = vec![Vec::new(); conversations.len()];
-    let mut first_acks = 0;
-    while first_acks < 50 {
-        let frame = conversations[0].1.next().await;
-        first_acks += usize::from(frame["type"] == "ack");
-        read[0].push(frame);
-    }
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        first_has_fifty.wait_for(|&has| has),
+    )
+    .await
+    .expect("50 acks within 10 s")
+    .expect("the first conversation's reader ended early");
     server.child.kill().expect("killing the server");
     server.child.wait().unwrap();
 
     let mut acked = 0;
-    for ((sid, ws), mut frames) in conversations.iter_mut().zip(read) {
-        let drained = ws
-            .drain(Duration::from_secs(10))
+    for (sid, reader, writer) in conversations {
+        writer.await.unwrap();
+        let frames = reader
             .await
-            .unwrap_or_else(|d| panic!("the socket outlived the server: {:?}", d.frames));
-        frames.extend(drained.frames);
+            .unwrap()
+            .unwrap_or_else(|frames| panic!("the socket outlived the server: {frames:?}"));
+        // Sends past the pending limit are refused; nothing else may be.
+        for error in frames.iter().filter(|f| f["type"] == "error") {
+            assert_eq!(error["code"], "too_many_pending", "{error}");
+        }
         let acks: Vec<&Value> = frames.iter().filter(|f| f["type"] == "ack").collect();
         acked += acks.len();
         let url = db.url.clone();
@@ -562,8 +588,36 @@ async fn a_killed_server_keeps_every_message_it_acknowledged() {
                 .unwrap_or_else(|| panic!("acknowledged but not stored: {ack}"));
             assert_eq!(Some(row.seq), ack["seq"].as_i64(), "{ack}");
             let i: usize = client_id["k-".len()..].parse().unwrap();
-            assert_eq!(row.content, content(sid, i));
+            assert_eq!(row.content, content(&sid, i));
         }
     }
-    assert!(acked > 0, "nothing was acknowledged before the kill");
+    assert!(acked >= 50, "only {acked} acks before the kill");
+}
+
+/// Every JSON frame until the connection ends (`Err` with them if it is still open 20 s on).
+/// With `fifty_acks`, says so once 50 acks have come.
+async fn read_until_the_end(
+    mut stream: SplitStream<WebSocketStream<MaybeTlsStream<TcpStream>>>,
+    fifty_acks: Option<tokio::sync::watch::Sender<bool>>,
+) -> Result<Vec<Value>, Vec<Value>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut frames: Vec<Value> = Vec::new();
+    let mut acks = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Err(frames),
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Ok(frames),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let frame: Value = serde_json::from_str(&text).expect("server sent non-JSON");
+                acks += usize::from(frame["type"] == "ack");
+                frames.push(frame);
+                if acks == 50 {
+                    if let Some(tell) = &fifty_acks {
+                        let _ = tell.send(true);
+                    }
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
 }
