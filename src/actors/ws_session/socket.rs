@@ -8,8 +8,9 @@
 //!
 //! The reader also waits while the outbound queue is low on room ([`Room`]): a client that
 //! sends faster than it reads what comes back is slowed down by TCP, and the queue keeps room
-//! for what the client's own sends still have coming (their acks and echoes). Only a client
-//! that does not read what others send it fills the queue, and is dropped as a slow consumer.
+//! for what the client's own sends still have coming (their acks and echoes). What can still
+//! fill it is what comes unasked (other members' messages, an answer's tokens, presence) to a
+//! client that does not read it: that one is dropped as a slow consumer.
 //!
 //! Nothing is buffered while a connection is idle: bytes are read into a buffer on the stack and
 //! kept only while a frame is incomplete, and the write buffer lives for one write. An idle
