@@ -521,8 +521,7 @@ async fn a_killed_server_keeps_every_message_it_acknowledged() {
     let base = format!("http://127.0.0.1:{}", server.port);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let content = |sid: &str, i: usize| format!("message {i} in {sid}");
-    // Each client reads while it sends, as a real one does: one that only sends would be
-    // disconnected as a slow consumer once its acks and echoes outgrow the socket's buffers.
+    // Each client reads while it sends, as a real one does.
     let (fifty_acks, mut first_has_fifty) = tokio::sync::watch::channel(false);
     let mut fifty_acks = Some(fifty_acks);
     let mut conversations = Vec::new();
