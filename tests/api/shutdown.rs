@@ -5,22 +5,19 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::SplitStream;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use switchboard::db::models::message::{self, Order};
 use switchboard::db::models::ChatMessage;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use switchboard::db::models::Role;
 
 use crate::ai_http::{read_sse_until, sse_events};
 use crate::helpers::{connect, insert_user, TestDatabase, CONFIG_DIR, JWT_SECRET};
 use crate::realtime::hold_write_lock;
-use crate::ws::{try_connect, WsClient, CUSTOMER_PATH, STAFF_PATH};
+use crate::ws::{drain_stream, try_connect, WsClient, CUSTOMER_PATH, STAFF_PATH};
 
 /// The server process; killed if the test ends before it exits.
 pub struct Server {
@@ -527,8 +524,19 @@ async fn a_killed_server_keeps_every_message_it_acknowledged() {
     let mut conversations = Vec::new();
     for _ in 0..4 {
         let (token, sid) = guest_with_session(&http, &base).await;
-        let (mut sink, stream) = connect_customer(&server, &token).await.split();
-        let reader = tokio::spawn(read_until_the_end(stream, fifty_acks.take()));
+        let (mut sink, mut stream) = connect_customer(&server, &token).await.split();
+        // The first conversation's reader says when it has 50 acks.
+        let fifty_acks = fifty_acks.take();
+        let reader = tokio::spawn(async move {
+            let mut acks = 0;
+            drain_stream(&mut stream, Duration::from_secs(20), |frame| {
+                acks += usize::from(frame["type"] == "ack");
+                if let Some(tell) = fifty_acks.as_ref().filter(|_| acks == 50) {
+                    let _ = tell.send(true);
+                }
+            })
+            .await
+        });
         let texts: Vec<String> = (0..300)
             .map(|i| {
                 json!({
@@ -565,7 +573,8 @@ async fn a_killed_server_keeps_every_message_it_acknowledged() {
         let frames = reader
             .await
             .unwrap()
-            .unwrap_or_else(|frames| panic!("the socket outlived the server: {frames:?}"));
+            .unwrap_or_else(|d| panic!("the socket outlived the server: {:?}", d.frames))
+            .frames;
         // Sends past the pending limit are refused; nothing else may be.
         for error in frames.iter().filter(|f| f["type"] == "error") {
             assert_eq!(error["code"], "too_many_pending", "{error}");
@@ -591,32 +600,4 @@ async fn a_killed_server_keeps_every_message_it_acknowledged() {
         }
     }
     assert!(acked >= 50, "only {acked} acks before the kill");
-}
-
-/// Every JSON frame until the connection ends (`Err` with them if it is still open 20 s on).
-/// With `fifty_acks`, says so once 50 acks have come.
-async fn read_until_the_end(
-    mut stream: SplitStream<WebSocketStream<MaybeTlsStream<TcpStream>>>,
-    fifty_acks: Option<tokio::sync::watch::Sender<bool>>,
-) -> Result<Vec<Value>, Vec<Value>> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut frames: Vec<Value> = Vec::new();
-    let mut acks = 0;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return Err(frames),
-            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Ok(frames),
-            Ok(Some(Ok(Message::Text(text)))) => {
-                let frame: Value = serde_json::from_str(&text).expect("server sent non-JSON");
-                acks += usize::from(frame["type"] == "ack");
-                frames.push(frame);
-                if acks == 50 {
-                    if let Some(tell) = &fifty_acks {
-                        let _ = tell.send(true);
-                    }
-                }
-            }
-            Ok(Some(Ok(_))) => {}
-        }
-    }
 }

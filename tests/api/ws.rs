@@ -236,30 +236,7 @@ impl WsClient {
     /// Reads until the connection ends (close frame, EOF or transport error), for at most
     /// `wait`; `Err` with what was read if it was still open then.
     pub async fn drain(&mut self, wait: Duration) -> Result<Drained, Drained> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut drained = Drained::default();
-        loop {
-            let item = match tokio::time::timeout_at(deadline, self.socket.next()).await {
-                Err(_) => return Err(drained),
-                Ok(item) => item,
-            };
-            match item {
-                None | Some(Err(_)) => {
-                    drained.eof = true;
-                    return Ok(drained);
-                }
-                Some(Ok(Message::Close(close))) => {
-                    drained.close_code = close.map(|c| u16::from(c.code));
-                    return Ok(drained);
-                }
-                Some(Ok(Message::Text(text))) => {
-                    let value: Value = serde_json::from_str(&text)
-                        .unwrap_or_else(|e| panic!("server sent non-JSON text ({e}): {text}"));
-                    drained.frames.push(value);
-                }
-                Some(Ok(_)) => {}
-            }
-        }
+        drain_stream(&mut self.socket, wait, |_| {}).await
     }
 
     /// Closes the connection politely (a close frame), without waiting for the answer.
@@ -285,6 +262,43 @@ impl WsClient {
             .map(Value::to_string)
             .collect::<Vec<_>>()
             .join("\n  ")
+    }
+}
+
+/// [`WsClient::drain`] for any receiving half (a split one too), calling `each` with every
+/// JSON frame as it comes.
+pub async fn drain_stream<S>(
+    stream: &mut S,
+    wait: Duration,
+    mut each: impl FnMut(&Value),
+) -> Result<Drained, Drained>
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut drained = Drained::default();
+    loop {
+        let item = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Err(drained),
+            Ok(item) => item,
+        };
+        match item {
+            None | Some(Err(_)) => {
+                drained.eof = true;
+                return Ok(drained);
+            }
+            Some(Ok(Message::Close(close))) => {
+                drained.close_code = close.map(|c| u16::from(c.code));
+                return Ok(drained);
+            }
+            Some(Ok(Message::Text(text))) => {
+                let value: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("server sent non-JSON text ({e}): {text}"));
+                each(&value);
+                drained.frames.push(value);
+            }
+            Some(Ok(_)) => {}
+        }
     }
 }
 
