@@ -8,7 +8,7 @@ use switchboard::config::Settings;
 use crate::helpers::{
     assert_error, customer_with_session, expect_json, numeric_header, spawn_app_with,
 };
-use crate::ws::WsClient;
+use crate::ws::{send_frame, WsClient};
 
 #[tokio::test]
 async fn a_socket_over_its_frame_limit_is_told_then_closed_if_it_keeps_on() {
@@ -88,10 +88,7 @@ async fn messages_over_the_users_rate_are_refused_on_the_socket_and_over_http() 
     let (token, sid) = customer_with_session(&app).await;
     let mut ws = WsClient::customer(&app, &token).await;
     for i in 0..3 {
-        ws.feed(&json!({
-            "type": "send", "session_id": sid, "client_id": format!("m-{i}"), "content": "hello"
-        }))
-        .await;
+        ws.feed(&send_frame(&sid, &format!("m-{i}"), "hello")).await;
     }
     ws.flush().await;
     let mut acks = Vec::new();

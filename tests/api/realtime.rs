@@ -13,7 +13,9 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{expect_json, spawn_app, spawn_app_with, tokens_text, TestApp};
-use crate::ws::{read_until, refused_status, request, try_connect, WsClient, STAFF_PATH};
+use crate::ws::{
+    read_until, refused_status, request, send_frame, try_connect, WsClient, STAFF_PATH,
+};
 
 /// A conversation's whole history through the REST API, following `next_cursor`.
 async fn history(app: &TestApp, token: &str, session_id: &str) -> Vec<Value> {
@@ -601,10 +603,11 @@ async fn many_customers_at_once_get_every_message_acked_and_stored_in_order() {
                 .unwrap_or_else(|e| panic!("client {n} connecting: {e}"));
             let (mut sink, mut stream) = socket.split();
             for i in 0..PER_CLIENT {
-                let frame = json!({
-                    "type": "send", "session_id": sid,
-                    "client_id": format!("c{n}-m{i}"), "content": format!("message {i} from {n}"),
-                });
+                let frame = send_frame(
+                    &sid,
+                    &format!("c{n}-m{i}"),
+                    &format!("message {i} from {n}"),
+                );
                 sink.feed(Message::Text(frame.to_string())).await.unwrap();
             }
             sink.flush().await.unwrap();
@@ -1243,10 +1246,7 @@ async fn sends_past_the_pending_ack_limit_are_refused_until_acks_come_back() {
 
     let release = hold_write_lock(&app.db_url);
     for i in 0..3 {
-        ws.feed(&json!({
-            "type": "send", "session_id": sid, "client_id": format!("p-{i}"), "content": "more"
-        }))
-        .await;
+        ws.feed(&send_frame(&sid, &format!("p-{i}"), "more")).await;
     }
     ws.flush().await;
     let refused = ws.next_of("error").await;

@@ -17,7 +17,7 @@ use switchboard::db::models::Role;
 use crate::ai_http::{read_sse_until, sse_events};
 use crate::helpers::{connect, insert_user, TestDatabase, CONFIG_DIR, JWT_SECRET};
 use crate::realtime::hold_write_lock;
-use crate::ws::{drain_stream, try_connect, WsClient, CUSTOMER_PATH, STAFF_PATH};
+use crate::ws::{drain_stream, send_frame, try_connect, WsClient, CUSTOMER_PATH, STAFF_PATH};
 
 /// The server process; killed if the test ends before it exits.
 pub struct Server {
@@ -538,13 +538,7 @@ async fn a_killed_server_keeps_every_message_it_acknowledged() {
             .await
         });
         let texts: Vec<String> = (0..300)
-            .map(|i| {
-                json!({
-                    "type": "send", "session_id": sid, "client_id": format!("k-{i}"),
-                    "content": content(&sid, i)
-                })
-                .to_string()
-            })
+            .map(|i| send_frame(&sid, &format!("k-{i}"), &content(&sid, i)).to_string())
             .collect();
         // Sending stops at the first error: the server is gone.
         let writer = tokio::spawn(async move {

@@ -154,10 +154,7 @@ impl WsClient {
 
     /// `send {session_id, client_id, content}`.
     pub async fn send_message(&mut self, session_id: &str, client_id: &str, content: &str) {
-        self.send(&json!({
-            "type": "send", "session_id": session_id, "client_id": client_id, "content": content
-        }))
-        .await;
+        self.send(&send_frame(session_id, client_id, content)).await;
     }
 
     /// `resume {session_id, after_seq}`.
@@ -263,6 +260,11 @@ impl WsClient {
             .collect::<Vec<_>>()
             .join("\n  ")
     }
+}
+
+/// A `send` frame: store `content` in `session_id` under the client's id `client_id`.
+pub fn send_frame(session_id: &str, client_id: &str, content: &str) -> Value {
+    json!({"type": "send", "session_id": session_id, "client_id": client_id, "content": content})
 }
 
 /// [`WsClient::drain`] for any receiving half (a split one too), calling `each` with every
