@@ -141,7 +141,8 @@ pub struct DatabaseSettings {
     pub sqlite_synchronous: String,
     /// Most messages stored in one transaction (group commit); 1 turns grouping off.
     pub group_commit_max: usize,
-    /// PostgreSQL only: transactions of group commit run at once (`DB_WRITE_LANES`); 0 picks
+    /// PostgreSQL only: the most group-commit transactions that run at once, each on a writer
+    /// of its own, a second one only while the first falls behind (`DB_WRITE_LANES`); 0 picks
     /// the number of CPU cores, at most half of `max_open_conns` and at most 8. SQLite has one.
     pub write_lanes: usize,
 }

@@ -2,8 +2,8 @@
 //!
 //! Runs on a `SyncArbiter` with one thread per pooled connection (`DB_MAX_OPEN_CONNS`), because
 //! Diesel blocks. It owns the pool; everything else holds a [`Db`] handle and sends it work.
-//! Group commit has writers of its own: one thread per committer lane, which drains the lane's
-//! queue itself ([`committer`]) and keeps one pooled connection between batches (where the
+//! Group commit has writers of its own: one thread each, which drain the committer's queue
+//! themselves ([`committer`]) and keep one pooled connection between batches (where the
 //! pool has as many again for reads), so that the connection that wrote last writes next
 //! (SQLite drops a connection's page cache whenever another connection has written since its
 //! last transaction) and PostgreSQL keeps its prepared statements.
@@ -246,7 +246,7 @@ impl From<DbError> for ApiError {
 #[derive(Clone)]
 pub struct Db {
     addr: Addr<Persistence>,
-    /// One single-thread writer per committer lane (shared: every socket holds a `Db`).
+    /// The committer's single-thread writers (shared: every socket holds a `Db`).
     writers: Arc<[Addr<Persistence>]>,
     backend: Backend,
     pool: DbPool,
@@ -280,14 +280,14 @@ impl Db {
             })
         };
         let addr = start(threads, false, None);
-        let lanes = match backend {
+        let writers = match backend {
             Backend::Sqlite => 1,
             Backend::Postgres => self::write_lanes(write_lanes, pool.max_size() as usize),
         };
         // A writer keeps its connection only where the pool has as many again for everything
         // else: with one connection in all, a writer holding it would starve every read.
-        let keep = pool.max_size() as usize >= 2 * lanes;
-        let writers = (0..lanes)
+        let keep = pool.max_size() as usize >= 2 * writers;
+        let writers = (0..writers)
             .map(|_| start(1, keep, checkpointer.clone()))
             .collect::<Vec<_>>()
             .into();
@@ -337,8 +337,8 @@ impl Db {
         (state.connections, self.pool.max_size())
     }
 
-    /// How many writers there are for [`Db::write`]: the committer's lanes.
-    pub fn writer_lanes(&self) -> usize {
+    /// How many writers there are for [`Db::write`] and the committer.
+    pub fn writers(&self) -> usize {
         self.writers.len()
     }
 
@@ -356,10 +356,14 @@ impl Db {
         .await
     }
 
-    /// Asks writer `lane` to drain its committer lane; gives `drain` back where the writer has
-    /// stopped.
-    fn drain(&self, lane: usize, drain: committer::DrainLane) -> Result<(), committer::DrainLane> {
-        let writer = &self.writers[lane % self.writers.len()];
+    /// Asks writer `writer` to drain the committer's queue; gives `drain` back where the
+    /// writer has stopped.
+    fn drain(
+        &self,
+        writer: usize,
+        drain: committer::DrainQueue,
+    ) -> Result<(), committer::DrainQueue> {
+        let writer = &self.writers[writer % self.writers.len()];
         if !writer.connected() {
             return Err(drain);
         }
@@ -376,13 +380,13 @@ impl Db {
         Self::send(&self.addr, work).await
     }
 
-    /// Runs `work` on writer `lane` (modulo the number of writers), which keeps its connection.
-    pub async fn write<T, F>(&self, lane: usize, work: F) -> Result<T, DbError>
+    /// Runs `work` on writer `writer` (modulo the number of writers), which keeps its connection.
+    pub async fn write<T, F>(&self, writer: usize, work: F) -> Result<T, DbError>
     where
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
     {
-        Self::send(&self.writers[lane % self.writers.len()], work).await
+        Self::send(&self.writers[writer % self.writers.len()], work).await
     }
 
     async fn send<T, F>(to: &Addr<Persistence>, work: F) -> Result<T, DbError>
@@ -396,10 +400,11 @@ impl Db {
     }
 }
 
-/// How many group-commit transactions run at once on PostgreSQL: `asked`, or where that is 0
-/// one per CPU core, at most half the pool and at most 8. Each keeps a PostgreSQL backend
-/// busy; more of them than cores only take turns (on two cores, two lanes held 10,000
-/// deliveries/s at p99 15 ms where four took 48 ms; docs/benchmarks.md).
+/// How many group-commit transactions can run at once on PostgreSQL (the writers; more than
+/// one only once the first falls behind, see [`committer`]): `asked`, or where that is 0 one
+/// per CPU core, at most half the pool and at most 8. Each keeps a PostgreSQL backend busy;
+/// more of them than cores only take turns (on two cores, two held 10,000 deliveries/s at
+/// p99 15 ms where four took 48 ms; docs/benchmarks.md).
 pub fn write_lanes(asked: usize, pool_size: usize) -> usize {
     if asked > 0 {
         return asked;

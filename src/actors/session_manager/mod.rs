@@ -256,7 +256,7 @@ pub struct SessionManager {
 }
 
 /// The way to the store that does not wait for the SessionManager's thread: a socket hands
-/// its message straight to the conversation's lane, and the outcome comes back to the
+/// its message straight to the committer's queue, and the outcome comes back to the
 /// SessionManager, which acknowledges and delivers it. Every write is counted until its
 /// outcome is back, so that shutdown waits for it; once shutdown began, a socket's message is
 /// given back, for the SessionManager to refuse. Every socket holds one: a clone is one
@@ -273,7 +273,7 @@ struct WritesShared {
 }
 
 impl Writes {
-    /// Hands a socket's message to its lane, or gives it back once shutdown began.
+    /// Hands a socket's message to the committer, or gives it back once shutdown began.
     pub fn post(&self, msg: PostMessage) -> Result<(), Box<PostMessage>> {
         // Counted before `closing` is read, and `closing` is set before the count is read
         // (`close`, then `pending`): one side always sees the other.
@@ -292,7 +292,7 @@ impl Writes {
         self.0.closing.store(true, Ordering::SeqCst);
     }
 
-    /// Hands a write to its lane whether or not shutdown began (an answer being stopped is
+    /// Hands a write to the committer whether or not shutdown began (an answer being stopped is
     /// still stored).
     fn store(&self, append: Append) {
         self.0.pending.fetch_add(1, Ordering::SeqCst);

@@ -139,8 +139,8 @@ pub enum Rejected {
 /// Each conversation's `last_seq` is read once, advanced for every message of the batch, and
 /// written back once, so seq has no gaps. A message whose client id is already stored in its
 /// conversation is not stored again: its outcome is the first copy. The caller must not run
-/// two batches for the same conversation at once (the committer routes each conversation to
-/// one lane).
+/// two batches for the same conversation at once (the committer gives a conversation to one
+/// transaction at a time).
 pub fn append_batch(
     conn: &mut DbConnection,
     batch: &[NewMessage],
