@@ -7,12 +7,12 @@
 //! load batches grow, so throughput grows with load.
 //!
 //! SQLite has one writer. On PostgreSQL there are a few, and one drains the queue alone until
-//! it falls behind: another joins only when [`JOIN_AT`] messages wait, and leaves once it finds
-//! nothing to take. So at a steady load one transaction stores several messages where a writer
-//! per conversation hash stored one or two (each call costs PostgreSQL a fixed part that a
-//! message more hardly adds to), and at full load every writer works. A conversation is in
-//! one transaction at a time, whichever writer holds it, which keeps `seq` gap-free and
-//! ordered; its later messages wait in the queue for that transaction to end.
+//! it falls behind: another joins only when `JOIN_AT` messages wait, and leaves once it finds
+//! nothing to take. So at a steady load each transaction stores several messages (a call costs
+//! PostgreSQL a fixed part that one more message hardly adds to), and at full load every
+//! writer works. A conversation is in one transaction at a time, whichever writer holds it,
+//! which keeps `seq` gap-free and ordered; its later messages wait in the queue for that
+//! transaction to end.
 //!
 //! Outcomes go from the writer to the SessionManager in one `Committed` per batch, after the
 //! commit and before the batch's conversations are let go, so that each conversation's
@@ -44,7 +44,7 @@ const DRAIN_TURN: Duration = Duration::from_millis(20);
 /// Messages waiting, with a writer at work, before one more writer is asked to help: fewer
 /// than one transaction takes, so that a second writer starts before the queue is a whole
 /// transaction behind (docs/benchmarks.md, change 31).
-pub const JOIN_AT: usize = 32;
+const JOIN_AT: usize = 32;
 
 #[derive(Clone)]
 pub struct Committer {
