@@ -146,9 +146,7 @@ impl SharedQueue {
 
 impl Queue {
     fn release(&mut self, writer: usize) {
-        if !self.writing.is_empty() {
-            self.writing.retain(|_, w| *w != writer);
-        }
+        self.writing.retain(|_, w| *w != writer);
         self.stalled = false;
     }
 
@@ -181,19 +179,20 @@ impl Queue {
             let session_id = &append.message.session_id;
             let mine = match self.writing.get(session_id) {
                 Some(w) => *w == writer,
-                None if draining.len() > 1 => {
-                    draining[share_of(session_id, draining.len())] == writer
+                None => {
+                    let mine = draining.len() == 1
+                        || draining[share_of(session_id, draining.len())] == writer;
+                    if mine {
+                        self.writing.insert(session_id.clone(), writer);
+                    }
+                    mine
                 }
-                None => true,
             };
-            if !mine {
+            if mine {
+                batch.push(append);
+            } else {
                 left.push(append);
-                continue;
             }
-            if !self.writing.contains_key(session_id) {
-                self.writing.insert(session_id.clone(), writer);
-            }
-            batch.push(append);
         }
         for append in left.into_iter().rev() {
             self.waiting.push_front(append);

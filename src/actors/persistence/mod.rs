@@ -363,11 +363,11 @@ impl Db {
         writer: usize,
         drain: committer::DrainQueue,
     ) -> Result<(), committer::DrainQueue> {
-        let writer = &self.writers[writer % self.writers.len()];
-        if !writer.connected() {
+        let addr = &self.writers[writer % self.writers.len()];
+        if !addr.connected() {
             return Err(drain);
         }
-        writer.do_send(drain);
+        addr.do_send(drain);
         Ok(())
     }
 
