@@ -166,9 +166,9 @@ impl Queue {
     /// that one does not take every conversation and leave the others nothing; one alone
     /// takes them all.
     fn take(&mut self, writer: usize, max: usize) -> Option<Vec<Append>> {
-        let draining: Vec<usize> = (0..self.draining.len())
-            .filter(|w| self.draining[*w])
-            .collect();
+        let draining = self.draining.iter().filter(|d| **d).count();
+        // This writer's place among those draining: the share of the conversations it takes.
+        let place = self.draining[..writer].iter().filter(|d| **d).count();
         let mut batch = Vec::new();
         // Messages left for another writer stay, in their order, at the front.
         let mut left = Vec::new();
@@ -180,8 +180,7 @@ impl Queue {
             let mine = match self.writing.get(session_id) {
                 Some(w) => *w == writer,
                 None => {
-                    let mine = draining.len() == 1
-                        || draining[share_of(session_id, draining.len())] == writer;
+                    let mine = draining == 1 || share_of(session_id, draining) == place;
                     if mine {
                         self.writing.insert(session_id.clone(), writer);
                     }
