@@ -63,11 +63,14 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         nonce: Option<serde_json::Value>,
     },
-    /// Staff: right after `hello`, the live conversations, the human queue, the agents online.
+    /// Staff: right after `hello`, the live conversations, the human queue, the agents online,
+    /// and how many live conversations a dashboard lists (`session_updates` keeps that many of
+    /// the newest up to date).
     Snapshot {
         sessions: Vec<SessionSummary>,
         queue: Vec<SessionSummary>,
         agents_online: Vec<AgentView>,
+        list_max: i64,
     },
     /// Staff: the conversations that changed since the last such frame, each once, with its
     /// latest state.

@@ -6,7 +6,7 @@
 
 (() => {
   const { el, api, HttpError, store, Connection, MessageList, duration, clientId } = SB;
-  const LIST_LIMIT = 200;
+  let listMax = 200; // how many live conversations are listed; the snapshot says
   const TOAST_MS = 8000;
   const PEER_TYPING_SHOWN_MS = 6000;
 
@@ -141,6 +141,7 @@
     switch (f.type) {
       case "snapshot":
         sessions.clear();
+        listMax = f.list_max || listMax;
         for (const s of f.sessions || []) sessions.set(s.session_id, s);
         queue = f.queue || [];
         for (const s of queue) sessions.set(s.session_id, s);
@@ -286,8 +287,13 @@
   function renderLists() {
     const live = [...sessions.values()]
       .filter((s) => s.status === "active" || s.session_id === current)
-      .sort((a, b) => String(b.updated_at).localeCompare(String(a.updated_at)))
-      .slice(0, LIST_LIMIT);
+      // Newest first, as the server orders them (the same time: the larger id first).
+      .sort(
+        (a, b) =>
+          String(b.updated_at).localeCompare(String(a.updated_at)) ||
+          String(b.session_id).localeCompare(String(a.session_id)),
+      )
+      .slice(0, listMax);
     renderRows($("sessions"), live);
     $("sessions-count").textContent = String(live.length);
     renderRows($("queue"), queue);

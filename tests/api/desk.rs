@@ -75,6 +75,7 @@ async fn a_dashboard_gets_a_snapshot_then_every_change_live() {
     assert_eq!(summary["waiting_since"], Value::Null, "answered: {summary}");
     assert_eq!(summary["title"], "help");
     assert_eq!(snapshot["queue"], json!([]));
+    assert_eq!(snapshot["list_max"], 200, "the default");
     assert_eq!(
         snapshot["agents_online"],
         json!([{"user_id": agent.user_id, "email": "agent@example.com"}])
@@ -834,4 +835,96 @@ async fn the_summaries_of_new_messages_match_what_the_database_holds() {
         last["waiting_since"], last["last_message"]["created_at"],
         "{last}"
     );
+}
+
+#[tokio::test]
+async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and_the_queue() {
+    // A dashboard lists the newest `desk_snapshot_max` conversations: here two.
+    let app = spawn_app_with(|s| {
+        s.chat.desk_snapshot_max = 2;
+        s.chat.human_wait = HumanDuration::from_secs(600);
+    })
+    .await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    let snapshot = desk_ws.next_of("snapshot").await;
+    assert_eq!(snapshot["list_max"], 2, "{snapshot}");
+
+    // What the dashboard holds: every summary sent live, by conversation.
+    let mut held: std::collections::HashMap<String, Value> = Default::default();
+    let apply = |held: &mut std::collections::HashMap<String, Value>, frame: &Value| {
+        if frame["type"] == "session_updates" {
+            for s in frame["sessions"].as_array().unwrap() {
+                held.insert(s["session_id"].as_str().unwrap().to_string(), s.clone());
+            }
+        }
+    };
+
+    // Six conversations opened while the dashboard is open; the first waits for a human.
+    let (waiting_guest, waiting) = customer(&app).await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(customer(&app).await.1);
+    }
+    let mut cust = WsClient::customer(&app, &waiting_guest.access_token).await;
+    ask(&mut cust, "request_human", &waiting).await;
+    cust.next_of("human_requested").await;
+    while !others.iter().all(|sid| held.contains_key(sid))
+        || held
+            .get(&waiting)
+            .is_none_or(|s| s["human_requested_at"].is_null())
+    {
+        let frame = desk_ws.next().await;
+        apply(&mut held, &frame);
+    }
+
+    // The waiting customer writes first, then an agent in each of the five others.
+    cust.send_message(&waiting, "c-1", "still there?").await;
+    cust.until(|f| f["type"] == "ack").await;
+    for sid in &others {
+        let res = app
+            .post_message(&agent.access_token, sid, "on my way", None)
+            .await;
+        assert_eq!(res.status(), 201);
+    }
+    // Three flushes' worth of frames: none holds more than the two newest of the five.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Ok(frame) = desk_ws
+        .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        if frame["type"] == "session_updates" {
+            let of_others = frame["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| others.iter().any(|sid| s["session_id"] == sid.as_str()))
+                .count();
+            assert!(of_others <= 2, "at most the two newest: {frame}");
+        }
+        apply(&mut held, &frame);
+    }
+
+    // The waiting conversation is not among the newest, and still shows its new message.
+    assert_eq!(
+        held[&waiting]["last_message"]["content"], "still there?",
+        "{}",
+        held[&waiting]
+    );
+    // The dashboard's two newest are what a dashboard opened now lists, as it lists them.
+    let mut newest: Vec<&Value> = held
+        .values()
+        .filter(|s| s["session_id"] != waiting.as_str())
+        .collect();
+    newest.sort_by(|a, b| {
+        (b["updated_at"].as_str(), b["session_id"].as_str())
+            .cmp(&(a["updated_at"].as_str(), a["session_id"].as_str()))
+    });
+    let mut fresh_ws = WsClient::staff(&app, &agent.access_token).await;
+    let fresh = fresh_ws.next_of("snapshot").await;
+    let listed: Vec<&Value> = fresh["sessions"].as_array().unwrap().iter().collect();
+    assert_eq!(listed.len(), 2, "{fresh}");
+    assert_eq!(newest[..2], listed[..], "live against stored");
+    assert_eq!(listed[0]["session_id"], others[4].as_str(), "{fresh}");
+    assert_eq!(listed[1]["session_id"], others[3].as_str(), "{fresh}");
 }

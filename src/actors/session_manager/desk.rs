@@ -189,6 +189,41 @@ impl Desk {
         self.patched.insert(m.session_id.clone());
     }
 
+    /// The conversations changed since the last flush only by new messages, from the
+    /// summaries held: every one an agent has taken over or a customer waits in, and of the
+    /// others the newest [`DeskSettings::snapshot_max`]. A dashboard lists that many live
+    /// conversations, the most recently changed first (its snapshot is those), so an older
+    /// one would fall below its list; the summary held stays up to date, and goes out when
+    /// the conversation is among the newest again or changes by more than a message.
+    fn take_patched(&mut self) -> Vec<Summary> {
+        let mut held = Vec::new();
+        let mut others = Vec::new();
+        for id in self.patched.drain() {
+            if self.dirty.contains(&id) {
+                continue;
+            }
+            let Some((summary, _)) = self.known.get(&id) else {
+                continue;
+            };
+            if self.held.contains_key(&id) {
+                held.push(summary.clone());
+            } else {
+                others.push(summary);
+            }
+        }
+        let newest = usize::try_from(self.settings.snapshot_max).unwrap_or(usize::MAX);
+        if others.len() > newest {
+            // Newest first, as the snapshot orders them (`desk::active_ids`).
+            others.select_nth_unstable_by(newest, |a, b| {
+                let (a, b) = (&a.session, &b.session);
+                (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))
+            });
+            others.truncate(newest);
+        }
+        held.extend(others.into_iter().cloned());
+        held
+    }
+
     /// Forgets every summary held (a change made while no dashboard was open was not
     /// tracked); the conversations waiting to be sent from them are read again.
     fn forget_known(&mut self) {
@@ -364,13 +399,7 @@ impl SessionManager {
             self.desk.queue_dirty = false;
             return;
         }
-        let desk = &mut self.desk;
-        let patched: Vec<Summary> = desk
-            .patched
-            .drain()
-            .filter(|id| !desk.dirty.contains(id))
-            .filter_map(|id| desk.known.get(&id).map(|(s, _)| s.clone()))
-            .collect();
+        let patched = self.desk.take_patched();
         self.send_updates(patched);
         let desk = &mut self.desk;
         if desk.dirty.is_empty() && !desk.queue_dirty {
@@ -773,6 +802,7 @@ impl SessionManager {
                     sessions: sessions.into_iter().map(|s| self.summary_view(s)).collect(),
                     queue: queue.into_iter().map(|s| self.summary_view(s)).collect(),
                     agents_online: self.desk.agents_online(),
+                    list_max: self.desk.settings.snapshot_max,
                 };
                 self.send_frame(conn_id, &frame);
             }
