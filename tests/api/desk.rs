@@ -837,6 +837,77 @@ async fn the_summaries_of_new_messages_match_what_the_database_holds() {
     );
 }
 
+/// What a dashboard holds: every summary sent to it live, by conversation.
+type Held = std::collections::HashMap<String, Value>;
+
+fn apply(held: &mut Held, frame: &Value) {
+    if frame["type"] == "session_updates" {
+        for s in frame["sessions"].as_array().unwrap() {
+            held.insert(s["session_id"].as_str().unwrap().to_string(), s.clone());
+        }
+    }
+}
+
+/// An agent's message into each of `others` in turn, then three flushes' worth of the
+/// dashboard's frames, none of which may hold more than `list` of them.
+async fn burst(
+    app: &TestApp,
+    agent: &Signed,
+    others: &[String],
+    desk_ws: &mut WsClient,
+    held: &mut Held,
+    list: usize,
+) {
+    for sid in others {
+        let res = app
+            .post_message(&agent.access_token, sid, "on my way", None)
+            .await;
+        assert_eq!(res.status(), 201);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Ok(frame) = desk_ws
+        .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        if frame["type"] == "session_updates" {
+            let of_others = frame["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| others.iter().any(|sid| s["session_id"] == sid.as_str()))
+                .count();
+            assert!(of_others <= list, "at most the {list} newest: {frame}");
+        }
+        apply(held, &frame);
+    }
+}
+
+/// The newest `list` of the conversations a dashboard holds, besides `except`, are what a
+/// dashboard opened now lists, as it lists them; returns them.
+async fn lists_as_stored(
+    app: &TestApp,
+    agent: &Signed,
+    held: &Held,
+    except: &str,
+    list: usize,
+) -> Vec<Value> {
+    let mut newest: Vec<&Value> = held
+        .values()
+        .filter(|s| s["session_id"] != except)
+        .collect();
+    newest.sort_by(|a, b| {
+        (b["updated_at"].as_str(), b["session_id"].as_str())
+            .cmp(&(a["updated_at"].as_str(), a["session_id"].as_str()))
+    });
+    let mut fresh_ws = WsClient::staff(app, &agent.access_token).await;
+    let fresh = fresh_ws.next_of("snapshot").await;
+    let listed: Vec<Value> = fresh["sessions"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), list, "{fresh}");
+    let live: Vec<Value> = newest[..list].iter().map(|s| (*s).clone()).collect();
+    assert_eq!(live, listed, "live against stored");
+    listed
+}
+
 #[tokio::test]
 async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and_the_queue() {
     // A dashboard lists the newest `desk_snapshot_max` conversations: here two.
@@ -849,16 +920,7 @@ async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and
     let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
     let snapshot = desk_ws.next_of("snapshot").await;
     assert_eq!(snapshot["list_max"], 2, "{snapshot}");
-
-    // What the dashboard holds: every summary sent live, by conversation.
-    let mut held: std::collections::HashMap<String, Value> = Default::default();
-    let apply = |held: &mut std::collections::HashMap<String, Value>, frame: &Value| {
-        if frame["type"] == "session_updates" {
-            for s in frame["sessions"].as_array().unwrap() {
-                held.insert(s["session_id"].as_str().unwrap().to_string(), s.clone());
-            }
-        }
-    };
+    let mut held = Held::new();
 
     // Six conversations opened while the dashboard is open; the first waits for a human.
     let (waiting_guest, waiting) = customer(&app).await;
@@ -881,50 +943,22 @@ async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and
     // The waiting customer writes first, then an agent in each of the five others.
     cust.send_message(&waiting, "c-1", "still there?").await;
     cust.until(|f| f["type"] == "ack").await;
-    for sid in &others {
-        let res = app
-            .post_message(&agent.access_token, sid, "on my way", None)
-            .await;
-        assert_eq!(res.status(), 201);
-    }
-    // Three flushes' worth of frames: none holds more than the two newest of the five.
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
-    while let Ok(frame) = desk_ws
-        .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
-        .await
-    {
-        if frame["type"] == "session_updates" {
-            let of_others = frame["sessions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|s| others.iter().any(|sid| s["session_id"] == sid.as_str()))
-                .count();
-            assert!(of_others <= 2, "at most the two newest: {frame}");
-        }
-        apply(&mut held, &frame);
-    }
-
+    burst(&app, &agent, &others, &mut desk_ws, &mut held, 2).await;
     // The waiting conversation is not among the newest, and still shows its new message.
     assert_eq!(
         held[&waiting]["last_message"]["content"], "still there?",
         "{}",
         held[&waiting]
     );
-    // The dashboard's two newest are what a dashboard opened now lists, as it lists them.
-    let mut newest: Vec<&Value> = held
-        .values()
-        .filter(|s| s["session_id"] != waiting.as_str())
-        .collect();
-    newest.sort_by(|a, b| {
-        (b["updated_at"].as_str(), b["session_id"].as_str())
-            .cmp(&(a["updated_at"].as_str(), a["session_id"].as_str()))
-    });
-    let mut fresh_ws = WsClient::staff(&app, &agent.access_token).await;
-    let fresh = fresh_ws.next_of("snapshot").await;
-    let listed: Vec<&Value> = fresh["sessions"].as_array().unwrap().iter().collect();
-    assert_eq!(listed.len(), 2, "{fresh}");
-    assert_eq!(newest[..2], listed[..], "live against stored");
-    assert_eq!(listed[0]["session_id"], others[4].as_str(), "{fresh}");
-    assert_eq!(listed[1]["session_id"], others[3].as_str(), "{fresh}");
+    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
+    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    assert_eq!(listed[1]["session_id"], others[3].as_str());
+
+    // Ten seconds on, a summary held is read again before it is sent: the same again.
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    burst(&app, &agent, &others, &mut desk_ws, &mut held, 2).await;
+    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
+    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    assert_eq!(listed[0]["last_seq"], 2, "{}", listed[0]);
+    assert_eq!(listed[1]["session_id"], others[3].as_str());
 }

@@ -8,7 +8,8 @@
 //! Dashboard updates are gathered and sent together every [`FLUSH_EVERY`]: one read of the
 //! changed conversations' summaries however many events touched them. A conversation changed
 //! only by new messages is not read again: the messages are applied to the summary the desk
-//! read last, if it was read within [`KNOWN_FOR`] ([`Desk::message_stored`]).
+//! read last; one read more than [`KNOWN_FOR`] ago is read again before it is sent
+//! ([`Desk::message_stored`], [`Desk::take_patched`]).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -28,8 +29,9 @@ use crate::protocol::{AgentView, CustomerView, LastMessageView, ServerFrame, Ses
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// The most summaries the desk keeps for applying new messages to; past it, it starts again.
 const KNOWN_MAX: usize = 50_000;
-/// How long a summary read is used for applying new messages to. Another node's changes
-/// reach this node's dashboards with the next read of the conversation, so at most this late.
+/// How long a summary read is sent with new messages applied to it; older, it is read again
+/// before it is sent. Another node's changes reach this node's dashboards with that read, so
+/// at most this late in a conversation the dashboards are sent.
 const KNOWN_FOR: Duration = Duration::from_secs(10);
 /// When ending a wait for a human could not be stored, the next try comes this much later.
 const RETRY_WAIT_OVER: Duration = Duration::from_secs(5);
@@ -91,7 +93,7 @@ pub struct Desk {
     queue_dirty: bool,
     /// The summaries read by the flushes while dashboards were open, by conversation, and
     /// when each was read. Kept only while every change is tracked: emptied when the last
-    /// dashboard closes, and each read again after [`KNOWN_FOR`].
+    /// dashboard closes, and each read again before it is sent once older than [`KNOWN_FOR`].
     known: HashMap<String, (Summary, Instant)>,
     /// Conversations changed since the last flush only by new messages, applied in `known`.
     patched: HashSet<String>,
@@ -151,7 +153,8 @@ impl Desk {
 
     /// A new message was stored: it is applied to the conversation's summary when the desk
     /// holds one that nothing else has changed since, else the next flush reads the
-    /// conversation again.
+    /// conversation again. (A summary read more than [`KNOWN_FOR`] ago is applied to as well,
+    /// which keeps its place among the newest right, and read again if it is to be sent.)
     pub fn message_stored(&mut self, m: &ChatMessage) {
         if self.staff.is_empty() || self.dirty.contains(&m.session_id) {
             return;
@@ -159,9 +162,7 @@ impl Desk {
         let known = if self.reading.contains(&m.session_id) {
             None
         } else {
-            self.known
-                .get_mut(&m.session_id)
-                .filter(|(_, read_at)| read_at.elapsed() < KNOWN_FOR)
+            self.known.get_mut(&m.session_id)
         };
         let Some((summary, _)) = known else {
             self.dirty.insert(m.session_id.clone());
@@ -189,12 +190,14 @@ impl Desk {
         self.patched.insert(m.session_id.clone());
     }
 
-    /// The conversations changed since the last flush only by new messages, from the
-    /// summaries held: every one an agent has taken over or a customer waits in, and of the
+    /// The conversations changed since the last flush only by new messages that go to the
+    /// dashboards now: every one an agent has taken over or a customer waits in, and of the
     /// others the newest [`DeskSettings::snapshot_max`]. A dashboard lists that many live
     /// conversations, the most recently changed first (its snapshot is those), so an older
     /// one would fall below its list; the summary held stays up to date, and goes out when
-    /// the conversation is among the newest again or changes by more than a message.
+    /// the conversation is among the newest again or changes by more than a message. Those
+    /// whose summary was read more than [`KNOWN_FOR`] ago are left to this flush's read
+    /// instead (marked changed), so that a change made on another node shows.
     fn take_patched(&mut self) -> Vec<Summary> {
         let mut held = Vec::new();
         let mut others = Vec::new();
@@ -202,26 +205,35 @@ impl Desk {
             if self.dirty.contains(&id) {
                 continue;
             }
-            let Some((summary, _)) = self.known.get(&id) else {
+            let Some((summary, read_at)) = self.known.get(&id) else {
                 continue;
             };
             if self.held.contains_key(&id) {
-                held.push(summary.clone());
+                held.push((summary, *read_at));
             } else {
-                others.push(summary);
+                others.push((summary, *read_at));
             }
         }
         let newest = usize::try_from(self.settings.snapshot_max).unwrap_or(usize::MAX);
         if others.len() > newest {
             // Newest first, as the snapshot orders them (`desk::active_ids`).
-            others.select_nth_unstable_by(newest, |a, b| {
+            others.select_nth_unstable_by(newest, |(a, _), (b, _)| {
                 let (a, b) = (&a.session, &b.session);
                 (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))
             });
             others.truncate(newest);
         }
-        held.extend(others.into_iter().cloned());
-        held
+        let mut send = Vec::with_capacity(held.len() + others.len());
+        let mut read_again = Vec::new();
+        for (summary, read_at) in held.into_iter().chain(others) {
+            if read_at.elapsed() < KNOWN_FOR {
+                send.push(summary.clone());
+            } else {
+                read_again.push(summary.session.id.clone());
+            }
+        }
+        self.dirty.extend(read_again);
+        send
     }
 
     /// Forgets every summary held (a change made while no dashboard was open was not
