@@ -787,10 +787,15 @@ async fn conversations_that_change_together_reach_a_dashboard_in_one_frame() {
     );
 }
 
+/// The snapshot a dashboard opened now gets: read from the database.
+async fn fresh_snapshot(app: &TestApp, token: &str) -> Value {
+    let mut ws = WsClient::staff(app, token).await;
+    ws.next_of("snapshot").await
+}
+
 /// The conversation's summary as a dashboard opened now reads it: from the database.
 async fn fresh_summary(app: &TestApp, token: &str, sid: &str) -> Value {
-    let mut ws = WsClient::staff(app, token).await;
-    let snapshot = ws.next_of("snapshot").await;
+    let snapshot = fresh_snapshot(app, token).await;
     summary_in(&snapshot, "snapshot", sid)
         .unwrap_or_else(|| panic!("{sid} in the snapshot: {snapshot}"))
         .clone()
@@ -899,8 +904,7 @@ async fn lists_as_stored(
         (b["updated_at"].as_str(), b["session_id"].as_str())
             .cmp(&(a["updated_at"].as_str(), a["session_id"].as_str()))
     });
-    let mut fresh_ws = WsClient::staff(app, &agent.access_token).await;
-    let fresh = fresh_ws.next_of("snapshot").await;
+    let fresh = fresh_snapshot(app, &agent.access_token).await;
     let listed: Vec<Value> = fresh["sessions"].as_array().unwrap().clone();
     assert_eq!(listed.len(), list, "{fresh}");
     let live: Vec<Value> = newest[..list].iter().map(|s| (*s).clone()).collect();
