@@ -966,3 +966,47 @@ async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and
     assert_eq!(listed[0]["last_seq"], 2, "{}", listed[0]);
     assert_eq!(listed[1]["session_id"], others[3].as_str());
 }
+
+#[tokio::test]
+async fn messages_into_conversations_the_desk_has_not_read_reach_a_dashboard_as_the_newest() {
+    let app = spawn_app_with(|s| {
+        s.chat.desk_snapshot_max = 2;
+        s.chat.human_wait = HumanDuration::from_secs(600);
+    })
+    .await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    // Six conversations opened before any dashboard, the first waiting for a human: the desk
+    // holds no summary of them, so it reads each at its first new message.
+    let (waiting_guest, waiting) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &waiting_guest.access_token).await;
+    ask(&mut cust, "request_human", &waiting).await;
+    cust.next_of("human_requested").await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(customer(&app).await.1);
+    }
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    let snapshot = desk_ws.next_of("snapshot").await;
+    let mut held = Held::new();
+    for list in ["sessions", "queue"] {
+        for s in snapshot[list].as_array().unwrap() {
+            held.insert(s["session_id"].as_str().unwrap().to_string(), s.clone());
+        }
+    }
+    assert!(held.contains_key(&waiting), "{snapshot}");
+
+    // The waiting customer writes first, then an agent in each of the five others: no frame
+    // holds more than the two newest of the five, and the waiting one's message arrives.
+    cust.send_message(&waiting, "c-1", "still there?").await;
+    cust.until(|f| f["type"] == "ack").await;
+    burst(&app, &agent, &others, &mut desk_ws, &mut held, 2).await;
+    assert_eq!(
+        held[&waiting]["last_message"]["content"], "still there?",
+        "{}",
+        held[&waiting]
+    );
+    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
+    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    assert_eq!(listed[0]["last_seq"], 1, "{}", listed[0]);
+    assert_eq!(listed[1]["session_id"], others[3].as_str());
+}

@@ -9,8 +9,11 @@
 //! changed conversations' summaries however many events touched them. A conversation changed
 //! only by new messages is not read again: the messages are applied to the summary the desk
 //! read last; one read more than [`KNOWN_FOR`] ago is read again before it is sent
-//! ([`Desk::message_stored`], [`Desk::take_patched`]).
+//! ([`Desk::message_stored`], [`Desk::take_patched`]). Of the conversations changed only by
+//! new messages, a flush sends the held ones and the newest that a dashboard lists, whether
+//! their summaries were held or read ([`keep_newest`]).
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -90,6 +93,9 @@ pub struct Desk {
     missed: HashSet<String>,
     /// Conversations changed since the last flush, to be read again.
     dirty: HashSet<String>,
+    /// Of `dirty`, those changed only by new messages (no summary of them was held, or it was
+    /// held too long): like `patched`, only the newest of them go out.
+    only_messages: HashSet<String>,
     queue_dirty: bool,
     /// The summaries read by the flushes while dashboards were open, by conversation, and
     /// when each was read. Kept only while every change is tracked: emptied when the last
@@ -115,6 +121,7 @@ impl Desk {
             timers: HashMap::new(),
             missed: HashSet::new(),
             dirty: HashSet::new(),
+            only_messages: HashSet::new(),
             queue_dirty: false,
             known: HashMap::new(),
             patched: HashSet::new(),
@@ -148,7 +155,23 @@ impl Desk {
     pub fn touch(&mut self, session_id: &str) {
         if !self.staff.is_empty() {
             self.dirty.insert(session_id.to_string());
+            self.only_messages.remove(session_id);
         }
+    }
+
+    /// Marks a conversation changed only by new messages, to be read at the next flush (unless
+    /// it is marked changed already, by a message or otherwise).
+    fn messages_to_read(&mut self, session_id: String) {
+        if self.dirty.insert(session_id.clone()) {
+            self.only_messages.insert(session_id);
+        }
+    }
+
+    /// Forgets what was to be read at the next flush.
+    fn clear_dirty(&mut self) {
+        self.dirty.clear();
+        self.only_messages.clear();
+        self.queue_dirty = false;
     }
 
     /// A new message was stored: it is applied to the conversation's summary when the desk
@@ -165,7 +188,7 @@ impl Desk {
             self.known.get_mut(&m.session_id)
         };
         let Some((summary, _)) = known else {
-            self.dirty.insert(m.session_id.clone());
+            self.messages_to_read(m.session_id.clone());
             return;
         };
         if m.seq <= summary.session.last_seq {
@@ -197,7 +220,7 @@ impl Desk {
     /// one would fall below its list; the summary held stays up to date, and goes out when
     /// the conversation is among the newest again or changes by more than a message. Those
     /// whose summary was read more than [`KNOWN_FOR`] ago are left to this flush's read
-    /// instead (marked changed), so that a change made on another node shows.
+    /// instead, so that a change made on another node shows.
     fn take_patched(&mut self) -> Vec<Summary> {
         let mut held = Vec::new();
         let mut others = Vec::new();
@@ -214,15 +237,7 @@ impl Desk {
                 others.push((summary, *read_at));
             }
         }
-        let newest = usize::try_from(self.settings.snapshot_max).unwrap_or(usize::MAX);
-        if others.len() > newest {
-            // Newest first, as the snapshot orders them (`desk::active_ids`).
-            others.select_nth_unstable_by(newest, |(a, _), (b, _)| {
-                let (a, b) = (&a.session, &b.session);
-                (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))
-            });
-            others.truncate(newest);
-        }
+        keep_newest(&mut others, self.list_max(), |(summary, _)| summary);
         let mut send = Vec::with_capacity(held.len() + others.len());
         let mut read_again = Vec::new();
         for (summary, read_at) in held.into_iter().chain(others) {
@@ -232,7 +247,27 @@ impl Desk {
                 read_again.push(summary.session.id.clone());
             }
         }
-        self.dirty.extend(read_again);
+        for id in read_again {
+            self.messages_to_read(id);
+        }
+        send
+    }
+
+    /// How many live conversations a dashboard lists.
+    fn list_max(&self) -> usize {
+        usize::try_from(self.settings.snapshot_max).unwrap_or(usize::MAX)
+    }
+
+    /// Of summaries read again, the ones a flush sends: every one changed by more than new
+    /// messages or held (taken over or queued), and of the others the newest
+    /// [`Desk::list_max`], as [`Desk::take_patched`] chooses from the summaries held.
+    fn to_send(&self, read: Vec<Summary>, only_messages: &HashSet<String>) -> Vec<Summary> {
+        let (mut newest, mut send): (Vec<Summary>, Vec<Summary>) =
+            read.into_iter().partition(|s| {
+                only_messages.contains(&s.session.id) && !self.held.contains_key(&s.session.id)
+            });
+        keep_newest(&mut newest, self.list_max(), |s| s);
+        send.append(&mut newest);
         send
     }
 
@@ -240,7 +275,9 @@ impl Desk {
     /// tracked); the conversations waiting to be sent from them are read again.
     fn forget_known(&mut self) {
         self.known.clear();
-        self.dirty.extend(self.patched.drain());
+        for id in std::mem::take(&mut self.patched) {
+            self.messages_to_read(id);
+        }
         self.known_epoch += 1;
     }
 
@@ -266,6 +303,20 @@ impl Desk {
             self.forget_known();
         }
         self.online.remove(&agent)
+    }
+}
+
+/// Newest first, as the snapshot orders the conversations (`desk::active_ids`).
+fn newest_first(a: &Summary, b: &Summary) -> Ordering {
+    let (a, b) = (&a.session, &b.session);
+    (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))
+}
+
+/// Keeps the newest `n` of `items`, in no particular order.
+fn keep_newest<T>(items: &mut Vec<T>, n: usize, summary: impl Fn(&T) -> &Summary) {
+    if items.len() > n {
+        items.select_nth_unstable_by(n, |a, b| newest_first(summary(a), summary(b)));
+        items.truncate(n);
     }
 }
 
@@ -296,8 +347,7 @@ impl SessionManager {
         self.desk.online.clear();
         self.desk.awaiting_snapshot.clear();
         self.desk.forget_known();
-        self.desk.dirty.clear();
-        self.desk.queue_dirty = false;
+        self.desk.clear_dirty();
     }
 
     /// A socket closed: if it was a dashboard, the others learn who is still online.
@@ -407,8 +457,7 @@ impl SessionManager {
     /// newer one; none of them is being read.)
     fn desk_flush(&mut self, ctx: &mut Context<Self>) {
         if self.desk.staff.is_empty() {
-            self.desk.dirty.clear();
-            self.desk.queue_dirty = false;
+            self.desk.clear_dirty();
             return;
         }
         let patched = self.desk.take_patched();
@@ -418,6 +467,7 @@ impl SessionManager {
             return;
         }
         let ids: Vec<String> = desk.dirty.drain().collect();
+        let only_messages = std::mem::take(&mut desk.only_messages);
         desk.reading.extend(ids.iter().cloned());
         let with_queue = std::mem::take(&mut desk.queue_dirty);
         let max = desk.settings.snapshot_max;
@@ -448,7 +498,14 @@ impl SessionManager {
                 Err(e) => {
                     log::error!("reading conversation summaries for the desk failed: {e}");
                     // Read again at the next flush.
-                    desk.dirty.extend(ids);
+                    for id in ids {
+                        if only_messages.contains(&id) {
+                            desk.messages_to_read(id);
+                        } else {
+                            desk.only_messages.remove(&id);
+                            desk.dirty.insert(id);
+                        }
+                    }
                     return;
                 }
             };
@@ -461,7 +518,8 @@ impl SessionManager {
                         .insert(s.session.id.clone(), (s.clone(), read_at));
                 }
             }
-            act.send_updates(changed);
+            let send = desk.to_send(changed, &only_messages);
+            act.send_updates(send);
             if let Some(queue) = queue {
                 let sessions = queue.into_iter().map(|s| act.summary_view(s)).collect();
                 act.tell_staff(&ServerFrame::Queue { sessions });
