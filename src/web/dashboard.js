@@ -199,6 +199,18 @@
       case "watching":
         $("messages").dataset.loaded = "true";
         break;
+      case "presence": {
+        // Updates of the list come for its newest conversations only; the one open here may
+        // be older, so its customer's coming and going is read from the conversation itself.
+        const s = sessions.get(current);
+        if (!s || !s.customer) break;
+        const online = (f.members || []).some((m) => m.user_id === s.customer.user_id);
+        if (online === s.customer.online) break;
+        sessions.set(current, { ...s, customer: { ...s.customer, online } });
+        renderLists();
+        renderHead();
+        break;
+      }
       default:
         break;
     }

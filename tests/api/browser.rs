@@ -10,6 +10,7 @@ use switchboard::providers::demo;
 
 use crate::helpers::{expect_json, spawn_app_with, TestApp};
 use crate::webdriver::Browser;
+use crate::ws::WsClient;
 
 /// The seqs of the stored messages the page shows, in page order.
 const SHOWN_SEQS: &str = "Array.from(document.querySelectorAll('#messages .msg[data-seq]'))\
@@ -562,6 +563,73 @@ async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
     assert_shows_history_once(&app, &widget, &session_id).await;
     assert_shows_history_once(&app, &desk, &session_id).await;
     widget.close().await;
+    desk.close().await;
+}
+
+#[tokio::test]
+async fn the_desk_shows_the_customer_of_its_open_conversation_come_and_go_below_its_list() {
+    // A desk that lists one conversation, so the one it has open falls below its list.
+    let app = spawn_app_with(|s| {
+        s.chat.desk_snapshot_max = 1;
+        s.ai.demo_token_delay = HumanDuration::from_millis(0);
+        s.rate_limit.messages_per_minute = 0;
+        s.rate_limit.ws_frames_per_second = 0;
+    })
+    .await;
+    let desk = open_desk(&app).await;
+    let widget = Browser::start("widget").await;
+    open_widget(&app, &widget).await;
+    let session_id = widget_session(&widget).await;
+    say(&widget, "Are you there?").await;
+    desk_follows(&desk, &session_id).await;
+    desk.wait_for(
+        "the answer on the desk",
+        &shows("assistant", &demo::answer("Are you there?")),
+    )
+    .await;
+    let presence = "document.getElementById('conv-meta').textContent.split(' · ')[1]";
+    desk.wait_for("the customer online", &format!("{presence} === 'online'"))
+        .await;
+
+    // Another customer writes: that conversation is the newest, the only one listed.
+    let other = app.guest().await;
+    let other_id = app.create_session(&other.access_token, "other").await["id"]
+        .as_str()
+        .expect("session id")
+        .to_string();
+    let mut ws = WsClient::customer(&app, &other.access_token).await;
+    ws.send_message(&other_id, "o-1", "Hello").await;
+    ws.until(|f| f["type"] == "reply_done").await;
+    desk.wait_for(
+        "the other conversation alone in the list",
+        &format!(
+            "document.querySelectorAll('#sessions li').length === 1 && !!document.querySelector({})",
+            json!(row(&other_id))
+        ),
+    )
+    .await;
+
+    // The first customer leaves while an agent keeps writing in the other conversation, so
+    // that every update of the list holds only that one: the desk still shows the first
+    // customer gone, on the conversation it has open.
+    let writer = app.user("writer@example.com", Role::Agent).await;
+    let keep_writing = async {
+        for _ in 0..60 {
+            let res = app
+                .post_message(&writer.access_token, &other_id, "and another thing", None)
+                .await;
+            assert_eq!(res.status(), 201);
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    };
+    let leave = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        widget.close().await;
+    };
+    tokio::join!(keep_writing, leave);
+    desk.wait_for("the customer away", &format!("{presence} === 'away'"))
+        .await;
+    desk.assert_no_dialog().await;
     desk.close().await;
 }
 

@@ -853,8 +853,8 @@ fn apply(held: &mut Held, frame: &Value) {
     }
 }
 
-/// An agent's message into each of `others` in turn, then three flushes' worth of the
-/// dashboard's frames, none of which may hold more than `list` of them.
+/// An agent's message into each of `others` in turn, then the dashboard's frames (see
+/// [`no_more_than_the_newest`]).
 async fn burst(
     app: &TestApp,
     agent: &Signed,
@@ -869,6 +869,17 @@ async fn burst(
             .await;
         assert_eq!(res.status(), 201);
     }
+    no_more_than_the_newest(others, desk_ws, held, list).await;
+}
+
+/// Three flushes' worth of the dashboard's frames, none of which may hold more than `list` of
+/// `others`.
+async fn no_more_than_the_newest(
+    others: &[String],
+    desk_ws: &mut WsClient,
+    held: &mut Held,
+    list: usize,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
     while let Ok(frame) = desk_ws
         .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
@@ -1009,4 +1020,57 @@ async fn messages_into_conversations_the_desk_has_not_read_reach_a_dashboard_as_
     assert_eq!(listed[0]["session_id"], others[4].as_str());
     assert_eq!(listed[0]["last_seq"], 1, "{}", listed[0]);
     assert_eq!(listed[1]["session_id"], others[3].as_str());
+}
+
+#[tokio::test]
+async fn customers_coming_and_going_reach_a_dashboard_as_the_newest_conversations() {
+    let app = spawn_app_with(|s| {
+        s.chat.desk_snapshot_max = 2;
+        s.chat.human_wait = HumanDuration::from_secs(600);
+    })
+    .await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+    let mut held = Held::new();
+
+    // Six conversations opened while the dashboard is open; the first waits for a human.
+    let (waiting_guest, waiting) = customer(&app).await;
+    let mut cust = WsClient::customer(&app, &waiting_guest.access_token).await;
+    ask(&mut cust, "request_human", &waiting).await;
+    cust.next_of("human_requested").await;
+    let mut guests = Vec::new();
+    for _ in 0..5 {
+        guests.push(customer(&app).await);
+    }
+    let others: Vec<String> = guests.iter().map(|(_, sid)| sid.clone()).collect();
+    while !others.iter().all(|sid| held.contains_key(sid))
+        || held
+            .get(&waiting)
+            .is_none_or(|s| s["customer"]["online"] != true)
+    {
+        let frame = desk_ws.next().await;
+        apply(&mut held, &frame);
+    }
+
+    // The waiting customer leaves and the five others come into their conversations.
+    cust.close().await;
+    let mut sockets = Vec::new();
+    for (guest, sid) in &guests {
+        let mut ws = WsClient::customer(&app, &guest.access_token).await;
+        ws.resume(sid, 0).await;
+        ws.next_of("resumed").await;
+        sockets.push(ws);
+    }
+    no_more_than_the_newest(&others, &mut desk_ws, &mut held, 2).await;
+    assert_eq!(
+        held[&waiting]["customer"]["online"], false,
+        "{}",
+        held[&waiting]
+    );
+    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
+    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    assert_eq!(listed[0]["customer"]["online"], true, "{}", listed[0]);
+    assert_eq!(listed[1]["session_id"], others[3].as_str());
+    assert_eq!(listed[1]["customer"]["online"], true, "{}", listed[1]);
 }

@@ -9,9 +9,10 @@
 //! changed conversations' summaries however many events touched them. A conversation changed
 //! only by new messages is not read again: the messages are applied to the summary the desk
 //! read last; one read more than [`KNOWN_FOR`] ago is read again before it is sent
-//! ([`Desk::message_stored`], [`Desk::take_patched`]). Of the conversations changed only by
-//! new messages, a flush sends the held ones and the newest that a dashboard lists, whether
-//! their summaries were held or read ([`keep_newest`]).
+//! ([`Desk::message_stored`], [`Desk::take_patched`]). Someone coming or going is sent the
+//! same way ([`Desk::presence_changed`]). Of the conversations changed only in these ways, a
+//! flush sends the held ones and the newest that a dashboard lists, whether their summaries
+//! were held or read ([`keep_newest`]).
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -93,15 +94,17 @@ pub struct Desk {
     missed: HashSet<String>,
     /// Conversations changed since the last flush, to be read again.
     dirty: HashSet<String>,
-    /// Of `dirty`, those changed only by new messages (no summary of them was held, or it was
-    /// held too long): like `patched`, only the newest of them go out.
-    only_messages: HashSet<String>,
+    /// Of `dirty`, those changed only by new messages or by someone coming or going (no
+    /// summary of them was held, or it was held too long): like `patched`, only the newest of
+    /// them go out.
+    light: HashSet<String>,
     queue_dirty: bool,
     /// The summaries read by the flushes while dashboards were open, by conversation, and
     /// when each was read. Kept only while every change is tracked: emptied when the last
     /// dashboard closes, and each read again before it is sent once older than [`KNOWN_FOR`].
     known: HashMap<String, (Summary, Instant)>,
-    /// Conversations changed since the last flush only by new messages, applied in `known`.
+    /// Conversations changed since the last flush only by new messages (applied in `known`)
+    /// or by someone coming or going (worked out when the summary is sent).
     patched: HashSet<String>,
     /// Conversations a flush is reading now. A message stored meanwhile may be missing from
     /// what it reads, so it is left to the next read, which starts after its commit.
@@ -121,7 +124,7 @@ impl Desk {
             timers: HashMap::new(),
             missed: HashSet::new(),
             dirty: HashSet::new(),
-            only_messages: HashSet::new(),
+            light: HashSet::new(),
             queue_dirty: false,
             known: HashMap::new(),
             patched: HashSet::new(),
@@ -155,22 +158,22 @@ impl Desk {
     pub fn touch(&mut self, session_id: &str) {
         if !self.staff.is_empty() {
             self.dirty.insert(session_id.to_string());
-            self.only_messages.remove(session_id);
+            self.light.remove(session_id);
         }
     }
 
-    /// Marks a conversation changed only by new messages, to be read at the next flush (unless
-    /// it is marked changed already, by a message or otherwise).
-    fn messages_to_read(&mut self, session_id: String) {
+    /// Marks a conversation changed only by new messages or presence, to be read at the next
+    /// flush (unless it is marked changed already, by those or otherwise).
+    fn read_light(&mut self, session_id: String) {
         if self.dirty.insert(session_id.clone()) {
-            self.only_messages.insert(session_id);
+            self.light.insert(session_id);
         }
     }
 
     /// Forgets what was to be read at the next flush.
     fn clear_dirty(&mut self) {
         self.dirty.clear();
-        self.only_messages.clear();
+        self.light.clear();
         self.queue_dirty = false;
     }
 
@@ -188,7 +191,7 @@ impl Desk {
             self.known.get_mut(&m.session_id)
         };
         let Some((summary, _)) = known else {
-            self.messages_to_read(m.session_id.clone());
+            self.read_light(m.session_id.clone());
             return;
         };
         if m.seq <= summary.session.last_seq {
@@ -213,12 +216,26 @@ impl Desk {
         self.patched.insert(m.session_id.clone());
     }
 
-    /// The conversations changed since the last flush only by new messages that go to the
-    /// dashboards now: every one an agent has taken over or a customer waits in, and of the
-    /// others the newest [`DeskSettings::snapshot_max`]. A dashboard lists that many live
-    /// conversations, the most recently changed first (its snapshot is those), so an older
-    /// one would fall below its list; the summary held stays up to date, and goes out when
-    /// the conversation is among the newest again or changes by more than a message. Those
+    /// Someone came into a conversation or left it. What a summary shows of that (whether the
+    /// customer is online) is worked out when it is sent, so the summary held is sent as after
+    /// a new message: when it is among the newest, or held. One not held is read.
+    pub fn presence_changed(&mut self, session_id: &str) {
+        if self.staff.is_empty() || self.dirty.contains(session_id) {
+            return;
+        }
+        if self.known.contains_key(session_id) && !self.reading.contains(session_id) {
+            self.patched.insert(session_id.to_string());
+        } else {
+            self.read_light(session_id.to_string());
+        }
+    }
+
+    /// The conversations changed since the last flush only by new messages or presence that
+    /// go to the dashboards now: every one an agent has taken over or a customer waits in,
+    /// and of the others the newest [`DeskSettings::snapshot_max`]. A dashboard lists that
+    /// many live conversations, the most recently changed first (its snapshot is those), so
+    /// an older one would fall below its list; the summary held stays up to date, and goes
+    /// out when the conversation is among the newest again or changes in another way. Those
     /// whose summary was read more than [`KNOWN_FOR`] ago are left to this flush's read
     /// instead, so that a change made on another node shows.
     fn take_patched(&mut self) -> Vec<Summary> {
@@ -248,7 +265,7 @@ impl Desk {
             }
         }
         for id in read_again {
-            self.messages_to_read(id);
+            self.read_light(id);
         }
         send
     }
@@ -259,13 +276,12 @@ impl Desk {
     }
 
     /// Of summaries read again, the ones a flush sends: every one changed by more than new
-    /// messages or held (taken over or queued), and of the others the newest
+    /// messages or presence, or held (taken over or queued), and of the others the newest
     /// [`Desk::list_max`], as [`Desk::take_patched`] chooses from the summaries held.
-    fn to_send(&self, read: Vec<Summary>, only_messages: &HashSet<String>) -> Vec<Summary> {
-        let (mut newest, mut send): (Vec<Summary>, Vec<Summary>) =
-            read.into_iter().partition(|s| {
-                only_messages.contains(&s.session.id) && !self.held.contains_key(&s.session.id)
-            });
+    fn to_send(&self, read: Vec<Summary>, light: &HashSet<String>) -> Vec<Summary> {
+        let (mut newest, mut send): (Vec<Summary>, Vec<Summary>) = read
+            .into_iter()
+            .partition(|s| light.contains(&s.session.id) && !self.held.contains_key(&s.session.id));
         keep_newest(&mut newest, self.list_max(), |s| s);
         send.append(&mut newest);
         send
@@ -276,7 +292,7 @@ impl Desk {
     fn forget_known(&mut self) {
         self.known.clear();
         for id in std::mem::take(&mut self.patched) {
-            self.messages_to_read(id);
+            self.read_light(id);
         }
         self.known_epoch += 1;
     }
@@ -467,7 +483,7 @@ impl SessionManager {
             return;
         }
         let ids: Vec<String> = desk.dirty.drain().collect();
-        let only_messages = std::mem::take(&mut desk.only_messages);
+        let light = std::mem::take(&mut desk.light);
         desk.reading.extend(ids.iter().cloned());
         let with_queue = std::mem::take(&mut desk.queue_dirty);
         let max = desk.settings.snapshot_max;
@@ -499,10 +515,10 @@ impl SessionManager {
                     log::error!("reading conversation summaries for the desk failed: {e}");
                     // Read again at the next flush.
                     for id in ids {
-                        if only_messages.contains(&id) {
-                            desk.messages_to_read(id);
+                        if light.contains(&id) {
+                            desk.read_light(id);
                         } else {
-                            desk.only_messages.remove(&id);
+                            desk.light.remove(&id);
                             desk.dirty.insert(id);
                         }
                     }
@@ -518,7 +534,7 @@ impl SessionManager {
                         .insert(s.session.id.clone(), (s.clone(), read_at));
                 }
             }
-            let send = desk.to_send(changed, &only_messages);
+            let send = desk.to_send(changed, &light);
             act.send_updates(send);
             if let Some(queue) = queue {
                 let sessions = queue.into_iter().map(|s| act.summary_view(s)).collect();

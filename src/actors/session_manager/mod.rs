@@ -498,7 +498,7 @@ impl SessionManager {
             members: conv.peers.list(),
         };
         if changed {
-            self.desk.touch(session_id);
+            self.desk.presence_changed(session_id);
             self.broadcast(session_id, &frame);
         } else {
             self.deliver(session_id, &frame, joiner);
