@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_field, page_limit};
 use crate::actors::session_manager::messages::{
-    AppendFailure, ConversationChanged, Origin, PostMessage, StatusChanged,
+    AppendFailure, ConversationCreated, Origin, PostMessage, StatusChanged,
 };
 use crate::auth::{AuthUser, Staff};
 use crate::db::models::message::{self, Order, Rejected};
@@ -104,7 +104,7 @@ async fn create(
         .db
         .run(move |c| Ok(session::create(c, &id, &caller.id, title.trim())?))
         .await?;
-    state.manager.do_send(ConversationChanged {
+    state.manager.do_send(ConversationCreated {
         session_id: created.id.clone(),
     });
     Ok(super::created(&created))

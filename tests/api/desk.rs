@@ -946,7 +946,8 @@ async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and
     let mut cust = WsClient::customer(&app, &waiting_guest.access_token).await;
     ask(&mut cust, "request_human", &waiting).await;
     cust.next_of("human_requested").await;
-    while !others.iter().all(|sid| held.contains_key(sid))
+    // A dashboard is sent the two newest of the five.
+    while !others[3..].iter().all(|sid| held.contains_key(sid))
         || held
             .get(&waiting)
             .is_none_or(|s| s["human_requested_at"].is_null())
@@ -1044,7 +1045,8 @@ async fn customers_coming_and_going_reach_a_dashboard_as_the_newest_conversation
         guests.push(customer(&app).await);
     }
     let others: Vec<String> = guests.iter().map(|(_, sid)| sid.clone()).collect();
-    while !others.iter().all(|sid| held.contains_key(sid))
+    // A dashboard is sent the two newest of the five.
+    while !others[3..].iter().all(|sid| held.contains_key(sid))
         || held
             .get(&waiting)
             .is_none_or(|s| s["customer"]["online"] != true)
@@ -1073,4 +1075,23 @@ async fn customers_coming_and_going_reach_a_dashboard_as_the_newest_conversation
     assert_eq!(listed[0]["customer"]["online"], true, "{}", listed[0]);
     assert_eq!(listed[1]["session_id"], others[3].as_str());
     assert_eq!(listed[1]["customer"]["online"], true, "{}", listed[1]);
+}
+
+#[tokio::test]
+async fn new_conversations_reach_a_dashboard_as_the_newest() {
+    let app = spawn_app_with(|s| s.chat.desk_snapshot_max = 2).await;
+    let agent = app.user("agent@example.com", Role::Agent).await;
+    let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
+    desk_ws.next_of("snapshot").await;
+    let mut held = Held::new();
+
+    // Five conversations opened at once: no frame holds more than the two newest.
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(customer(&app).await.1);
+    }
+    no_more_than_the_newest(&others, &mut desk_ws, &mut held, 2).await;
+    let listed = lists_as_stored(&app, &agent, &held, "", 2).await;
+    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    assert_eq!(listed[1]["session_id"], others[3].as_str());
 }

@@ -10,9 +10,9 @@
 //! only by new messages is not read again: the messages are applied to the summary the desk
 //! read last; one read more than [`KNOWN_FOR`] ago is read again before it is sent
 //! ([`Desk::message_stored`], [`Desk::take_patched`]). Someone coming or going is sent the
-//! same way ([`Desk::presence_changed`]). Of the conversations changed only in these ways, a
-//! flush sends the held ones and the newest that a dashboard lists, whether their summaries
-//! were held or read ([`keep_newest`]).
+//! same way ([`Desk::presence_changed`]). Of the conversations new or changed only in these
+//! ways, a flush sends the held ones and the newest that a dashboard lists, whether their
+//! summaries were held or read ([`keep_newest`]).
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -94,9 +94,9 @@ pub struct Desk {
     missed: HashSet<String>,
     /// Conversations changed since the last flush, to be read again.
     dirty: HashSet<String>,
-    /// Of `dirty`, those changed only by new messages or by someone coming or going (no
-    /// summary of them was held, or it was held too long): like `patched`, only the newest of
-    /// them go out.
+    /// Of `dirty`, those new or changed only by new messages or by someone coming or going
+    /// (no summary of them was held, or it was held too long): like `patched`, only the
+    /// newest of them go out.
     light: HashSet<String>,
     queue_dirty: bool,
     /// The summaries read by the flushes while dashboards were open, by conversation, and
@@ -162,8 +162,8 @@ impl Desk {
         }
     }
 
-    /// Marks a conversation changed only by new messages or presence, to be read at the next
-    /// flush (unless it is marked changed already, by those or otherwise).
+    /// Marks a conversation new or changed only by new messages or presence, to be read at
+    /// the next flush (unless it is marked changed already, by those or otherwise).
     fn read_light(&mut self, session_id: String) {
         if self.dirty.insert(session_id.clone()) {
             self.light.insert(session_id);
@@ -214,6 +214,14 @@ impl Desk {
             _ => {}
         }
         self.patched.insert(m.session_id.clone());
+    }
+
+    /// A conversation was created: it is read at the next flush, and sent if it is among
+    /// the newest (it is, unless many conversations changed at once).
+    pub fn created(&mut self, session_id: String) {
+        if !self.staff.is_empty() {
+            self.read_light(session_id);
+        }
     }
 
     /// Someone came into a conversation or left it. What a summary shows of that (whether the
@@ -275,9 +283,9 @@ impl Desk {
         usize::try_from(self.settings.snapshot_max).unwrap_or(usize::MAX)
     }
 
-    /// Of summaries read again, the ones a flush sends: every one changed by more than new
-    /// messages or presence, or held (taken over or queued), and of the others the newest
-    /// [`Desk::list_max`], as [`Desk::take_patched`] chooses from the summaries held.
+    /// Of summaries read, the ones a flush sends: of those in `light` and not held (taken over
+    /// or queued), the newest [`Desk::list_max`], as [`Desk::take_patched`] chooses from the
+    /// summaries held; every other one.
     fn to_send(&self, read: Vec<Summary>, light: &HashSet<String>) -> Vec<Summary> {
         let (mut newest, mut send): (Vec<Summary>, Vec<Summary>) = read
             .into_iter()
@@ -939,11 +947,11 @@ impl Handler<StatusChanged> for SessionManager {
     }
 }
 
-impl Handler<ConversationChanged> for SessionManager {
+impl Handler<ConversationCreated> for SessionManager {
     type Result = ();
 
-    fn handle(&mut self, msg: ConversationChanged, _: &mut Context<Self>) {
-        self.desk.touch(&msg.session_id);
+    fn handle(&mut self, msg: ConversationCreated, _: &mut Context<Self>) {
+        self.desk.created(msg.session_id);
     }
 }
 

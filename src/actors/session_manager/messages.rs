@@ -233,10 +233,10 @@ pub struct StatusChanged {
     pub status: String,
 }
 
-/// A conversation was created or changed over HTTP: the dashboards get its new summary.
+/// A conversation was created over HTTP: the dashboards get its summary.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ConversationChanged {
+pub struct ConversationCreated {
     pub session_id: String,
 }
 
