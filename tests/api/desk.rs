@@ -923,80 +923,128 @@ async fn lists_as_stored(
     listed
 }
 
-#[tokio::test]
-async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and_the_queue() {
-    // A dashboard lists the newest `desk_snapshot_max` conversations: here two.
+/// The newest two conversations a dashboard lists, as [`lists_as_stored`] checks them: the
+/// last two of `others`, newest first.
+async fn lists_the_last_two(
+    app: &TestApp,
+    agent: &Signed,
+    held: &Held,
+    except: &str,
+    others: &[String],
+) -> Vec<Value> {
+    let listed = lists_as_stored(app, agent, held, except, 2).await;
+    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    assert_eq!(listed[1]["session_id"], others[3].as_str());
+    listed
+}
+
+/// A server whose dashboards list two conversations and whose customers wait long for a
+/// human, and an agent of it.
+async fn desk_of_two() -> (TestApp, Signed) {
     let app = spawn_app_with(|s| {
         s.chat.desk_snapshot_max = 2;
         s.chat.human_wait = HumanDuration::from_secs(600);
     })
     .await;
     let agent = app.user("agent@example.com", Role::Agent).await;
+    (app, agent)
+}
+
+/// The customer waiting for a human writes, then an agent in each of `others` ([`burst`]):
+/// the waiting conversation, held, shows the new message whatever its place.
+async fn waiting_writes_then_burst(
+    app: &TestApp,
+    agent: &Signed,
+    cust: &mut WsClient,
+    waiting: &str,
+    others: &[String],
+    desk_ws: &mut WsClient,
+    held: &mut Held,
+) {
+    cust.send_message(waiting, "c-1", "still there?").await;
+    cust.until(|f| f["type"] == "ack").await;
+    burst(app, agent, others, desk_ws, held, 2).await;
+    assert_eq!(
+        held[waiting]["last_message"]["content"], "still there?",
+        "{}",
+        held[waiting]
+    );
+}
+
+/// A conversation whose customer (connected: the socket returned) waits for a human, then
+/// five more opened after it, each with its customer.
+async fn waiting_then_five(app: &TestApp) -> (WsClient, String, Vec<(Signed, String)>) {
+    let (guest, waiting) = customer(app).await;
+    let mut cust = WsClient::customer(app, &guest.access_token).await;
+    ask(&mut cust, "request_human", &waiting).await;
+    cust.next_of("human_requested").await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(customer(app).await);
+    }
+    (cust, waiting, others)
+}
+
+fn ids(guests: &[(Signed, String)]) -> Vec<String> {
+    guests.iter().map(|(_, sid)| sid.clone()).collect()
+}
+
+/// Applies the dashboard's frames to `held` until `done`.
+async fn apply_until(desk_ws: &mut WsClient, held: &mut Held, done: impl Fn(&Held) -> bool) {
+    while !done(held) {
+        let frame = desk_ws.next().await;
+        apply(held, &frame);
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_messages_reaches_a_dashboard_as_the_newest_conversations_and_the_queue() {
+    // A dashboard lists the newest `desk_snapshot_max` conversations: here two.
+    let (app, agent) = desk_of_two().await;
     let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
     let snapshot = desk_ws.next_of("snapshot").await;
     assert_eq!(snapshot["list_max"], 2, "{snapshot}");
     let mut held = Held::new();
 
     // Six conversations opened while the dashboard is open; the first waits for a human.
-    let (waiting_guest, waiting) = customer(&app).await;
-    let mut others = Vec::new();
-    for _ in 0..5 {
-        others.push(customer(&app).await.1);
-    }
-    let mut cust = WsClient::customer(&app, &waiting_guest.access_token).await;
-    ask(&mut cust, "request_human", &waiting).await;
-    cust.next_of("human_requested").await;
-    // A dashboard is sent the two newest of the five.
-    while !others[3..].iter().all(|sid| held.contains_key(sid))
-        || held
-            .get(&waiting)
-            .is_none_or(|s| s["human_requested_at"].is_null())
-    {
-        let frame = desk_ws.next().await;
-        apply(&mut held, &frame);
-    }
+    // The dashboard is sent the two newest of the five.
+    let (mut cust, waiting, guests) = waiting_then_five(&app).await;
+    let others = ids(&guests);
+    apply_until(&mut desk_ws, &mut held, |held| {
+        others[3..].iter().all(|sid| held.contains_key(sid))
+            && held
+                .get(&waiting)
+                .is_some_and(|s| !s["human_requested_at"].is_null())
+    })
+    .await;
 
     // The waiting customer writes first, then an agent in each of the five others.
-    cust.send_message(&waiting, "c-1", "still there?").await;
-    cust.until(|f| f["type"] == "ack").await;
-    burst(&app, &agent, &others, &mut desk_ws, &mut held, 2).await;
-    // The waiting conversation is not among the newest, and still shows its new message.
-    assert_eq!(
-        held[&waiting]["last_message"]["content"], "still there?",
-        "{}",
-        held[&waiting]
-    );
-    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
-    assert_eq!(listed[0]["session_id"], others[4].as_str());
-    assert_eq!(listed[1]["session_id"], others[3].as_str());
+    waiting_writes_then_burst(
+        &app,
+        &agent,
+        &mut cust,
+        &waiting,
+        &others,
+        &mut desk_ws,
+        &mut held,
+    )
+    .await;
+    lists_the_last_two(&app, &agent, &held, &waiting, &others).await;
 
     // Ten seconds on, a summary held is read again before it is sent: the same again.
     tokio::time::sleep(Duration::from_millis(10_500)).await;
     burst(&app, &agent, &others, &mut desk_ws, &mut held, 2).await;
-    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
-    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    let listed = lists_the_last_two(&app, &agent, &held, &waiting, &others).await;
     assert_eq!(listed[0]["last_seq"], 2, "{}", listed[0]);
-    assert_eq!(listed[1]["session_id"], others[3].as_str());
 }
 
 #[tokio::test]
 async fn messages_into_conversations_the_desk_has_not_read_reach_a_dashboard_as_the_newest() {
-    let app = spawn_app_with(|s| {
-        s.chat.desk_snapshot_max = 2;
-        s.chat.human_wait = HumanDuration::from_secs(600);
-    })
-    .await;
-    let agent = app.user("agent@example.com", Role::Agent).await;
+    let (app, agent) = desk_of_two().await;
     // Six conversations opened before any dashboard, the first waiting for a human: the desk
     // holds no summary of them, so it reads each at its first new message.
-    let (waiting_guest, waiting) = customer(&app).await;
-    let mut cust = WsClient::customer(&app, &waiting_guest.access_token).await;
-    ask(&mut cust, "request_human", &waiting).await;
-    cust.next_of("human_requested").await;
-    let mut others = Vec::new();
-    for _ in 0..5 {
-        others.push(customer(&app).await.1);
-    }
+    let (mut cust, waiting, guests) = waiting_then_five(&app).await;
+    let others = ids(&guests);
     let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
     let snapshot = desk_ws.next_of("snapshot").await;
     let mut held = Held::new();
@@ -1007,53 +1055,39 @@ async fn messages_into_conversations_the_desk_has_not_read_reach_a_dashboard_as_
     }
     assert!(held.contains_key(&waiting), "{snapshot}");
 
-    // The waiting customer writes first, then an agent in each of the five others: no frame
-    // holds more than the two newest of the five, and the waiting one's message arrives.
-    cust.send_message(&waiting, "c-1", "still there?").await;
-    cust.until(|f| f["type"] == "ack").await;
-    burst(&app, &agent, &others, &mut desk_ws, &mut held, 2).await;
-    assert_eq!(
-        held[&waiting]["last_message"]["content"], "still there?",
-        "{}",
-        held[&waiting]
-    );
-    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
-    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    // The waiting customer writes first, then an agent in each of the five others.
+    waiting_writes_then_burst(
+        &app,
+        &agent,
+        &mut cust,
+        &waiting,
+        &others,
+        &mut desk_ws,
+        &mut held,
+    )
+    .await;
+    let listed = lists_the_last_two(&app, &agent, &held, &waiting, &others).await;
     assert_eq!(listed[0]["last_seq"], 1, "{}", listed[0]);
-    assert_eq!(listed[1]["session_id"], others[3].as_str());
 }
 
 #[tokio::test]
 async fn customers_coming_and_going_reach_a_dashboard_as_the_newest_conversations() {
-    let app = spawn_app_with(|s| {
-        s.chat.desk_snapshot_max = 2;
-        s.chat.human_wait = HumanDuration::from_secs(600);
-    })
-    .await;
-    let agent = app.user("agent@example.com", Role::Agent).await;
+    let (app, agent) = desk_of_two().await;
     let mut desk_ws = WsClient::staff(&app, &agent.access_token).await;
     desk_ws.next_of("snapshot").await;
     let mut held = Held::new();
 
     // Six conversations opened while the dashboard is open; the first waits for a human.
-    let (waiting_guest, waiting) = customer(&app).await;
-    let mut cust = WsClient::customer(&app, &waiting_guest.access_token).await;
-    ask(&mut cust, "request_human", &waiting).await;
-    cust.next_of("human_requested").await;
-    let mut guests = Vec::new();
-    for _ in 0..5 {
-        guests.push(customer(&app).await);
-    }
-    let others: Vec<String> = guests.iter().map(|(_, sid)| sid.clone()).collect();
-    // A dashboard is sent the two newest of the five.
-    while !others[3..].iter().all(|sid| held.contains_key(sid))
-        || held
-            .get(&waiting)
-            .is_none_or(|s| s["customer"]["online"] != true)
-    {
-        let frame = desk_ws.next().await;
-        apply(&mut held, &frame);
-    }
+    // The dashboard is sent the two newest of the five.
+    let (cust, waiting, guests) = waiting_then_five(&app).await;
+    let others = ids(&guests);
+    apply_until(&mut desk_ws, &mut held, |held| {
+        others[3..].iter().all(|sid| held.contains_key(sid))
+            && held
+                .get(&waiting)
+                .is_some_and(|s| s["customer"]["online"] == true)
+    })
+    .await;
 
     // The waiting customer leaves and the five others come into their conversations.
     cust.close().await;
@@ -1070,10 +1104,8 @@ async fn customers_coming_and_going_reach_a_dashboard_as_the_newest_conversation
         "{}",
         held[&waiting]
     );
-    let listed = lists_as_stored(&app, &agent, &held, &waiting, 2).await;
-    assert_eq!(listed[0]["session_id"], others[4].as_str());
+    let listed = lists_the_last_two(&app, &agent, &held, &waiting, &others).await;
     assert_eq!(listed[0]["customer"]["online"], true, "{}", listed[0]);
-    assert_eq!(listed[1]["session_id"], others[3].as_str());
     assert_eq!(listed[1]["customer"]["online"], true, "{}", listed[1]);
 }
 
@@ -1091,7 +1123,5 @@ async fn new_conversations_reach_a_dashboard_as_the_newest() {
         others.push(customer(&app).await.1);
     }
     no_more_than_the_newest(&others, &mut desk_ws, &mut held, 2).await;
-    let listed = lists_as_stored(&app, &agent, &held, "", 2).await;
-    assert_eq!(listed[0]["session_id"], others[4].as_str());
-    assert_eq!(listed[1]["session_id"], others[3].as_str());
+    lists_the_last_two(&app, &agent, &held, "", &others).await;
 }
