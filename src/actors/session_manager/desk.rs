@@ -182,16 +182,7 @@ impl Desk {
     /// conversation again. (A summary read more than [`KNOWN_FOR`] ago is applied to as well,
     /// which keeps its place among the newest right, and read again if it is to be sent.)
     pub fn message_stored(&mut self, m: &ChatMessage) {
-        if self.staff.is_empty() || self.dirty.contains(&m.session_id) {
-            return;
-        }
-        let known = if self.reading.contains(&m.session_id) {
-            None
-        } else {
-            self.known.get_mut(&m.session_id)
-        };
-        let Some((summary, _)) = known else {
-            self.read_light(m.session_id.clone());
+        let Some(summary) = self.summary_to_patch(&m.session_id) else {
             return;
         };
         if m.seq <= summary.session.last_seq {
@@ -228,14 +219,24 @@ impl Desk {
     /// customer is online) is worked out when it is sent, so the summary held is sent as after
     /// a new message: when it is among the newest, or held. One not held is read.
     pub fn presence_changed(&mut self, session_id: &str) {
-        if self.staff.is_empty() || self.dirty.contains(session_id) {
-            return;
-        }
-        if self.known.contains_key(session_id) && !self.reading.contains(session_id) {
+        if self.summary_to_patch(session_id).is_some() {
             self.patched.insert(session_id.to_string());
-        } else {
-            self.read_light(session_id.to_string());
         }
+    }
+
+    /// The summary held of a conversation changed only by new messages or presence, for the
+    /// change to be sent from. `None` when no dashboard is open, when the conversation is to
+    /// be read anyway, or when no summary of it can be used (being read, or none held): it is
+    /// then read at the next flush.
+    fn summary_to_patch(&mut self, session_id: &str) -> Option<&mut Summary> {
+        if self.staff.is_empty() || self.dirty.contains(session_id) {
+            return None;
+        }
+        if self.reading.contains(session_id) || !self.known.contains_key(session_id) {
+            self.read_light(session_id.to_string());
+            return None;
+        }
+        self.known.get_mut(session_id).map(|(summary, _)| summary)
     }
 
     /// The conversations changed since the last flush only by new messages or presence that
@@ -526,8 +527,7 @@ impl SessionManager {
                         if light.contains(&id) {
                             desk.read_light(id);
                         } else {
-                            desk.light.remove(&id);
-                            desk.dirty.insert(id);
+                            desk.touch(&id);
                         }
                     }
                     return;
