@@ -436,6 +436,23 @@ async fn desk_follows(desk: &Browser, session_id: &str) {
     .await;
 }
 
+/// An agent's desk following the conversation of a customer in the widget who wrote `text`,
+/// once the demo answer shows on the desk: (desk, widget, session id).
+async fn desk_following_widget(app: &TestApp, text: &str) -> (Browser, Browser, String) {
+    let desk = open_desk(app).await;
+    let widget = Browser::start("widget").await;
+    open_widget(app, &widget).await;
+    let session_id = widget_session(&widget).await;
+    say(&widget, text).await;
+    desk_follows(&desk, &session_id).await;
+    desk.wait_for(
+        "the answer on the desk",
+        &shows("assistant", &demo::answer(text)),
+    )
+    .await;
+    (desk, widget, session_id)
+}
+
 #[tokio::test]
 async fn an_agent_follows_live_takes_over_and_the_customer_sees_the_agent() {
     let app = slow_demo_app().await;
@@ -576,17 +593,7 @@ async fn the_desk_shows_the_customer_of_its_open_conversation_come_and_go_below_
         s.rate_limit.ws_frames_per_second = 0;
     })
     .await;
-    let desk = open_desk(&app).await;
-    let widget = Browser::start("widget").await;
-    open_widget(&app, &widget).await;
-    let session_id = widget_session(&widget).await;
-    say(&widget, "Are you there?").await;
-    desk_follows(&desk, &session_id).await;
-    desk.wait_for(
-        "the answer on the desk",
-        &shows("assistant", &demo::answer("Are you there?")),
-    )
-    .await;
+    let (desk, widget, _) = desk_following_widget(&app, "Are you there?").await;
     let presence = "document.getElementById('conv-meta').textContent.split(' · ')[1]";
     desk.wait_for("the customer online", &format!("{presence} === 'online'"))
         .await;
@@ -636,17 +643,7 @@ async fn the_desk_shows_the_customer_of_its_open_conversation_come_and_go_below_
 #[tokio::test]
 async fn the_desk_reconnects_after_a_server_restart_and_catches_up() {
     let mut app = slow_demo_app().await;
-    let desk = open_desk(&app).await;
-    let widget = Browser::start("widget").await;
-    open_widget(&app, &widget).await;
-    let session_id = widget_session(&widget).await;
-    say(&widget, "Before the restart").await;
-    desk_follows(&desk, &session_id).await;
-    desk.wait_for(
-        "the first answer on the desk",
-        &shows("assistant", &demo::answer("Before the restart")),
-    )
-    .await;
+    let (desk, widget, session_id) = desk_following_widget(&app, "Before the restart").await;
 
     app.stop_server().await;
     desk.wait_for(
