@@ -14,7 +14,6 @@
 //! ways, a flush sends the held ones and the newest that a dashboard lists, whether their
 //! summaries were held or read ([`keep_newest`]).
 
-use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -104,8 +103,10 @@ pub struct Desk {
     /// dashboard closes, and each read again before it is sent once older than [`KNOWN_FOR`].
     known: HashMap<String, (Summary, Instant)>,
     /// Conversations changed since the last flush only by new messages (applied in `known`)
-    /// or by someone coming or going (worked out when the summary is sent).
-    patched: HashSet<String>,
+    /// or by someone coming or going (worked out when the summary is sent), each with its
+    /// summary's `updated_at`: a flush chooses the newest of them by it, and looks up only the
+    /// summaries it sends. None of them is in `dirty`.
+    patched: HashMap<String, NaiveDateTime>,
     /// Conversations a flush is reading now. A message stored meanwhile may be missing from
     /// what it reads, so it is left to the next read, which starts after its commit.
     reading: HashSet<String>,
@@ -127,7 +128,7 @@ impl Desk {
             light: HashSet::new(),
             queue_dirty: false,
             known: HashMap::new(),
-            patched: HashSet::new(),
+            patched: HashMap::new(),
             reading: HashSet::new(),
             known_epoch: 0,
         }
@@ -159,12 +160,14 @@ impl Desk {
         if !self.staff.is_empty() {
             self.dirty.insert(session_id.to_string());
             self.light.remove(session_id);
+            self.patched.remove(session_id);
         }
     }
 
     /// Marks a conversation new or changed only by new messages or presence, to be read at
     /// the next flush (unless it is marked changed already, by those or otherwise).
     fn read_light(&mut self, session_id: String) {
+        self.patched.remove(&session_id);
         if self.dirty.insert(session_id.clone()) {
             self.light.insert(session_id);
         }
@@ -204,7 +207,7 @@ impl Desk {
             "assistant" | "agent" => summary.waiting_since = None,
             _ => {}
         }
-        self.patched.insert(m.session_id.clone());
+        self.patched.insert(m.session_id.clone(), m.created_at);
     }
 
     /// A conversation was created: it is read at the next flush, and sent if it is among
@@ -219,8 +222,9 @@ impl Desk {
     /// customer is online) is worked out when it is sent, so the summary held is sent as after
     /// a new message: when it is among the newest, or held. One not held is read.
     pub fn presence_changed(&mut self, session_id: &str) {
-        if self.summary_to_patch(session_id).is_some() {
-            self.patched.insert(session_id.to_string());
+        if let Some(summary) = self.summary_to_patch(session_id) {
+            let updated_at = summary.session.updated_at;
+            self.patched.insert(session_id.to_string(), updated_at);
         }
     }
 
@@ -248,29 +252,23 @@ impl Desk {
     /// whose summary was read more than [`KNOWN_FOR`] ago are left to this flush's read
     /// instead, so that a change made on another node shows.
     fn take_patched(&mut self) -> Vec<Summary> {
-        let mut held = Vec::new();
-        let mut others = Vec::new();
-        for id in self.patched.drain() {
-            if self.dirty.contains(&id) {
-                continue;
-            }
-            let Some((summary, read_at)) = self.known.get(&id) else {
-                continue;
-            };
-            if self.held.contains_key(&id) {
-                held.push((summary, *read_at));
-            } else {
-                others.push((summary, *read_at));
-            }
-        }
-        keep_newest(&mut others, self.list_max(), |(summary, _)| summary);
+        let patched = std::mem::take(&mut self.patched);
+        let (held, mut others): (Vec<_>, Vec<_>) = patched
+            .iter()
+            .partition(|(id, _)| self.held.contains_key(id.as_str()));
+        keep_newest(&mut others, self.list_max(), |(id, updated_at)| {
+            (**updated_at, id.as_str())
+        });
         let mut send = Vec::with_capacity(held.len() + others.len());
         let mut read_again = Vec::new();
-        for (summary, read_at) in held.into_iter().chain(others) {
+        for (id, _) in held.into_iter().chain(others) {
+            let Some((summary, read_at)) = self.known.get(id) else {
+                continue;
+            };
             if read_at.elapsed() < KNOWN_FOR {
                 send.push(summary.clone());
             } else {
-                read_again.push(summary.session.id.clone());
+                read_again.push(id.clone());
             }
         }
         for id in read_again {
@@ -291,7 +289,9 @@ impl Desk {
         let (mut newest, mut send): (Vec<Summary>, Vec<Summary>) = read
             .into_iter()
             .partition(|s| light.contains(&s.session.id) && !self.held.contains_key(&s.session.id));
-        keep_newest(&mut newest, self.list_max(), |s| s);
+        keep_newest(&mut newest, self.list_max(), |s| {
+            (s.session.updated_at, s.session.id.as_str())
+        });
         send.append(&mut newest);
         send
     }
@@ -300,7 +300,7 @@ impl Desk {
     /// tracked); the conversations waiting to be sent from them are read again.
     fn forget_known(&mut self) {
         self.known.clear();
-        for id in std::mem::take(&mut self.patched) {
+        for (id, _) in std::mem::take(&mut self.patched) {
             self.read_light(id);
         }
         self.known_epoch += 1;
@@ -331,16 +331,11 @@ impl Desk {
     }
 }
 
-/// Newest first, as the snapshot orders the conversations (`desk::active_ids`).
-fn newest_first(a: &Summary, b: &Summary) -> Ordering {
-    let (a, b) = (&a.session, &b.session);
-    (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))
-}
-
-/// Keeps the newest `n` of `items`, in no particular order.
-fn keep_newest<T>(items: &mut Vec<T>, n: usize, summary: impl Fn(&T) -> &Summary) {
+/// Keeps the newest `n` of `items`, in no particular order. `changed` gives a conversation's
+/// `updated_at` and id: newest first is the snapshot's order (`desk::active_ids`).
+fn keep_newest<T>(items: &mut Vec<T>, n: usize, changed: impl Fn(&T) -> (NaiveDateTime, &str)) {
     if items.len() > n {
-        items.select_nth_unstable_by(n, |a, b| newest_first(summary(a), summary(b)));
+        items.select_nth_unstable_by(n, |a, b| changed(b).cmp(&changed(a)));
         items.truncate(n);
     }
 }
