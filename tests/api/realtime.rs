@@ -102,6 +102,17 @@ async fn a_message_is_acked_after_commit_and_answered_token_by_token() {
     assert_eq!(message["seq"], 1, "{message}");
     assert_eq!(message["role"], "user", "{message}");
     assert_eq!(message["content"], "How do I reset my password?");
+    // The time sent live is the time stored, to the microsecond.
+    assert_eq!(
+        message["created_at"], first["created_at"],
+        "{message} {first}"
+    );
+    assert!(
+        message["created_at"]
+            .as_str()
+            .is_some_and(|t| t.len() == "2026-11-22T10:00:00.123456Z".len()),
+        "{message}"
+    );
 
     let frames = ws.until(|f| f["type"] == "reply_done").await;
     let done = frames.last().unwrap();

@@ -284,22 +284,24 @@ fn append_batch_sqlite(
     sqlite: &mut SqliteConnection,
     batch: &[NewMessage],
 ) -> QueryResult<Vec<Result<Appended, Rejected>>> {
-    sqlite.transaction(|conn| {
+    // IMMEDIATE takes the write lock at BEGIN, so a reader cannot be refused the upgrade
+    // half-way. Each conversation's row is written once, at the end, and only where a message
+    // was stored.
+    sqlite.immediate_transaction(|conn| {
         let now = super::now();
+        // Every timestamp of the batch is `now`: formatted once, as Diesel stores one.
+        let at = now.format(SQLITE_TIME).to_string();
         let mut ids: Vec<&str> = batch.iter().map(|m| m.session_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        // The conversations' rows first: an UPDATE that changes nothing takes the write lock
-        // at the start of the transaction, so a reader cannot be refused the upgrade
-        // half-way. Each row is written once, at the end, and only where a message was stored.
-        let sessions: HashMap<String, (String, i64)> = Kept(LockSessions {
-            ids: &to_json(&ids)?,
-        })
-        .load::<SessionSeq>(conn)?
-        .into_iter()
-        .map(|s| (s.id, (s.status, s.last_seq)))
-        .collect();
-        // Messages of this batch whose client id is already stored, found in one query.
+        let mut sessions: HashMap<&str, (String, i64)> = HashMap::with_capacity(ids.len());
+        for id in ids {
+            // One prepared lookup by primary key each: a batch holds few conversations.
+            if let Some(s) = Kept(SessionSeqOf { id }).load::<SessionSeq>(conn)?.pop() {
+                sessions.insert(id, (s.status, s.last_seq));
+            }
+        }
+        // Messages of this batch whose client id is already stored.
         let pairs: Vec<(&str, &str)> = batch
             .iter()
             .filter_map(|m| Some((m.session_id.as_str(), m.client_id.as_deref()?)))
@@ -324,7 +326,7 @@ fn append_batch_sqlite(
         let mut inserts: Vec<usize> = Vec::with_capacity(batch.len());
 
         for (i, m) in batch.iter().enumerate() {
-            let Some((status, last_seq)) = sessions.get(&m.session_id) else {
+            let Some((status, last_seq)) = sessions.get(m.session_id.as_str()) else {
                 outcomes.push(Err(Rejected::SessionNotFound));
                 continue;
             };
@@ -358,13 +360,15 @@ fn append_batch_sqlite(
         }
         for &i in &inserts {
             if let Ok(a) = &outcomes[i] {
-                diesel::insert_into(chat_messages::table)
-                    .values(insert_row(&a.message))
-                    .execute(conn)?;
+                Kept(InsertMessage {
+                    message: &a.message,
+                    at: &at,
+                })
+                .execute(conn)?;
             }
         }
         for (id, seq) in next {
-            Kept(SetLastSeq { id, seq, at: now }).execute(conn)?;
+            Kept(SetLastSeq { id, seq, at: &at }).execute(conn)?;
         }
         Ok(outcomes)
     })
@@ -376,23 +380,19 @@ struct FoundId {
     id: i64,
 }
 
-/// Ids of the stored messages with any of these (conversation, client id) pairs: one lookup
-/// in the `(session_id, client_id)` index per pair. (Two IN lists, one of conversations and
-/// one of client ids, made SQLite probe every combination: 65,536 probes for a batch of 256
-/// messages in 256 conversations.)
+/// Ids of the stored messages with any of these (conversation, client id) pairs: one prepared
+/// lookup in the `(session_id, client_id)` index per pair.
 fn stored_ids(conn: &mut SqliteConnection, pairs: &[(&str, &str)]) -> QueryResult<Vec<i64>> {
-    if pairs.is_empty() {
-        return Ok(Vec::new());
+    let mut ids = Vec::new();
+    for &(session_id, client_id) in pairs {
+        let found: Vec<FoundId> = Kept(StoredIdOf {
+            session_id,
+            client_id,
+        })
+        .load(conn)?;
+        ids.extend(found.into_iter().map(|f| f.id));
     }
-    let found: Vec<FoundId> = Kept(StoredIdsSqlite {
-        pairs: &to_json(pairs)?,
-    })
-    .load(conn)?;
-    Ok(found.into_iter().map(|f| f.id).collect())
-}
-
-fn to_json<T: Serialize + ?Sized>(value: &T) -> QueryResult<String> {
-    serde_json::to_string(value).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
+    Ok(ids)
 }
 
 /// PostgreSQL: a batch, one array per column, in the batch's order.
@@ -429,50 +429,48 @@ impl BindTo<Pg> for AppendPg<'_> {
 
 // SQLite: the group commit's own statements, kept prepared (see `crate::db::kept`).
 
-/// SQLite: the conversations of a batch (a JSON array of ids), with the write lock taken by an
-/// UPDATE that changes nothing.
-struct LockSessions<'a> {
-    ids: &'a str,
+/// How Diesel writes a timestamp into SQLite (as text), for values bound as text.
+const SQLITE_TIME: &str = "%F %T%.f";
+
+/// SQLite: one conversation's status and newest seq.
+struct SessionSeqOf<'a> {
+    id: &'a str,
 }
 
-impl Statement for LockSessions<'_> {
-    const SQL: &'static str = "UPDATE chat_sessions SET updated_at = updated_at \
-         WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, status, last_seq";
-    type Key = LockSessions<'static>;
+impl Statement for SessionSeqOf<'_> {
+    const SQL: &'static str = "SELECT status, last_seq FROM chat_sessions WHERE id = ?";
+    type Key = SessionSeqOf<'static>;
 }
 
-impl BindTo<Sqlite> for LockSessions<'_> {
+impl BindTo<Sqlite> for SessionSeqOf<'_> {
     fn bind<'b>(&'b self, values: &mut Values<'_, '_, 'b, Sqlite>) -> QueryResult<()> {
-        values.push::<Text, _>(self.ids)
+        values.push::<Text, _>(self.id)
     }
 }
 
 #[derive(QueryableByName)]
 struct SessionSeq {
     #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = Text)]
     status: String,
     #[diesel(sql_type = BigInt)]
     last_seq: i64,
 }
 
-/// SQLite: the pairs are a JSON array of `[session_id, client_id]`; CROSS JOIN keeps them as
-/// the outer loop.
-struct StoredIdsSqlite<'a> {
-    pairs: &'a str,
+/// SQLite: the stored message with this client id in this conversation, if any.
+struct StoredIdOf<'a> {
+    session_id: &'a str,
+    client_id: &'a str,
 }
 
-impl Statement for StoredIdsSqlite<'_> {
-    const SQL: &'static str = "SELECT m.id FROM json_each(?) AS p CROSS JOIN chat_messages m \
-         ON m.session_id = json_extract(p.value, '$[0]') \
-         AND m.client_id = json_extract(p.value, '$[1]')";
-    type Key = StoredIdsSqlite<'static>;
+impl Statement for StoredIdOf<'_> {
+    const SQL: &'static str = "SELECT id FROM chat_messages WHERE session_id = ? AND client_id = ?";
+    type Key = StoredIdOf<'static>;
 }
 
-impl BindTo<Sqlite> for StoredIdsSqlite<'_> {
+impl BindTo<Sqlite> for StoredIdOf<'_> {
     fn bind<'b>(&'b self, values: &mut Values<'_, '_, 'b, Sqlite>) -> QueryResult<()> {
-        values.push::<Text, _>(self.pairs)
+        values.push::<Text, _>(self.session_id)?;
+        values.push::<Text, _>(self.client_id)
     }
 }
 
@@ -480,7 +478,8 @@ impl BindTo<Sqlite> for StoredIdsSqlite<'_> {
 struct SetLastSeq<'a> {
     id: &'a str,
     seq: i64,
-    at: NaiveDateTime,
+    /// The batch's time as [`SQLITE_TIME`].
+    at: &'a str,
 }
 
 impl Statement for SetLastSeq<'_> {
@@ -491,39 +490,39 @@ impl Statement for SetLastSeq<'_> {
 impl BindTo<Sqlite> for SetLastSeq<'_> {
     fn bind<'b>(&'b self, values: &mut Values<'_, '_, 'b, Sqlite>) -> QueryResult<()> {
         values.push::<BigInt, _>(&self.seq)?;
-        values.push::<Timestamp, _>(&self.at)?;
+        values.push::<Text, _>(self.at)?;
         values.push::<Text, _>(self.id)
     }
 }
 
-/// The columns of one new `chat_messages` row.
-#[allow(clippy::type_complexity)]
-fn insert_row(
-    m: &ChatMessage,
-) -> (
-    diesel::dsl::Eq<chat_messages::session_id, &String>,
-    diesel::dsl::Eq<chat_messages::seq, i64>,
-    diesel::dsl::Eq<chat_messages::role, &String>,
-    diesel::dsl::Eq<chat_messages::author_id, &Option<String>>,
-    diesel::dsl::Eq<chat_messages::content, &String>,
-    diesel::dsl::Eq<chat_messages::client_id, &Option<String>>,
-    diesel::dsl::Eq<chat_messages::interrupted, bool>,
-    diesel::dsl::Eq<chat_messages::model, &Option<String>>,
-    diesel::dsl::Eq<chat_messages::tokens, Option<i32>>,
-    diesel::dsl::Eq<chat_messages::created_at, NaiveDateTime>,
-) {
-    (
-        chat_messages::session_id.eq(&m.session_id),
-        chat_messages::seq.eq(m.seq),
-        chat_messages::role.eq(&m.role),
-        chat_messages::author_id.eq(&m.author_id),
-        chat_messages::content.eq(&m.content),
-        chat_messages::client_id.eq(&m.client_id),
-        chat_messages::interrupted.eq(m.interrupted),
-        chat_messages::model.eq(&m.model),
-        chat_messages::tokens.eq(m.tokens),
-        chat_messages::created_at.eq(m.created_at),
-    )
+/// SQLite: one new `chat_messages` row.
+struct InsertMessage<'a> {
+    message: &'a ChatMessage,
+    /// `message.created_at` as [`SQLITE_TIME`].
+    at: &'a str,
+}
+
+impl Statement for InsertMessage<'_> {
+    const SQL: &'static str = "INSERT INTO chat_messages (session_id, seq, role, author_id, \
+         content, client_id, interrupted, model, tokens, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    type Key = InsertMessage<'static>;
+}
+
+impl BindTo<Sqlite> for InsertMessage<'_> {
+    fn bind<'b>(&'b self, values: &mut Values<'_, '_, 'b, Sqlite>) -> QueryResult<()> {
+        let m = self.message;
+        values.push::<Text, _>(&m.session_id)?;
+        values.push::<BigInt, _>(&m.seq)?;
+        values.push::<Text, _>(&m.role)?;
+        values.push::<Nullable<Text>, _>(&m.author_id)?;
+        values.push::<Text, _>(&m.content)?;
+        values.push::<Nullable<Text>, _>(&m.client_id)?;
+        values.push::<Bool, _>(&m.interrupted)?;
+        values.push::<Nullable<Text>, _>(&m.model)?;
+        values.push::<Nullable<Integer>, _>(&m.tokens)?;
+        values.push::<Text, _>(self.at)
+    }
 }
 
 /// Oldest first or newest first.
