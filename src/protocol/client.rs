@@ -125,6 +125,11 @@ impl FrameError {
 
 /// Reads one text frame.
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+    // A well-formed frame is read in one pass; anything else is read again, as a JSON value,
+    // to tell which error it is.
+    if let Ok(frame) = serde_json::from_str(text) {
+        return Ok(frame);
+    }
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
     let kind = value
@@ -140,6 +145,26 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_given_twice_counts_once_with_its_last_value() {
+        assert_eq!(
+            parse(r#"{"type":"stop","session_id":"a","session_id":"b"}"#),
+            Ok(ClientFrame::Stop {
+                session_id: "b".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"nope","type":"leave","session_id":"s"}"#),
+            Ok(ClientFrame::Leave {
+                session_id: "s".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"leave","type":"nope","session_id":"s"}"#),
+            Err(FrameError::UnknownType("nope".into()))
+        );
+    }
 
     #[test]
     fn reads_each_frame() {

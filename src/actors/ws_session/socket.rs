@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -39,7 +40,7 @@ use crate::protocol::ServerFrame;
 
 /// How long the writer keeps trying to say goodbye to a client that is not reading.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Bytes read from the socket at a time, on the stack.
+/// Bytes read from the socket at a time, on the stack (not zeroed first).
 const READ_CHUNK: usize = 4096;
 /// Queued frames are gathered into one write up to about this many bytes.
 const WRITE_BATCH_BYTES: usize = 16 * 1024;
@@ -203,8 +204,9 @@ impl Stream for FrameReader {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut read = ReadBuf::new(&mut chunk);
+            // Not zeroed: the socket fills the front of it, and only that part (`filled`) is read.
+            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut read = ReadBuf::uninit(&mut chunk);
             let polled = Pin::new(&mut this.io).poll_read(cx, &mut read);
             if polled.is_pending() && this.buf.is_empty() {
                 // Between frames: give the buffer back rather than keep it for an idle client.
