@@ -185,6 +185,7 @@ pub struct Merged {
     pub cpu_ticks: u64,
     pub latency: Histogram<u64>,
     pub ack_latency: Histogram<u64>,
+    pub send_lag: Histogram<u64>,
     pub token_lag: Histogram<u64>,
     pub token_gap: Histogram<u64>,
     pub first_token: Histogram<u64>,
@@ -205,6 +206,7 @@ impl Merged {
             cpu_ticks: 0,
             latency: histogram(),
             ack_latency: histogram(),
+            send_lag: histogram(),
             token_lag: histogram(),
             token_gap: histogram(),
             first_token: histogram(),
@@ -226,6 +228,7 @@ impl Merged {
         }
         r.latency.add_to(&mut self.latency);
         r.ack_latency.add_to(&mut self.ack_latency);
+        r.send_lag.add_to(&mut self.send_lag);
         r.token_lag.add_to(&mut self.token_lag);
         r.token_gap.add_to(&mut self.token_gap);
         r.first_token.add_to(&mut self.first_token);

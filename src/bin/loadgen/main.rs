@@ -11,6 +11,7 @@
 mod clock;
 mod coordinator;
 mod fake_openai;
+mod pacer;
 mod plan;
 mod proc;
 mod scenarios;

@@ -112,6 +112,9 @@ pub struct RoundResult {
     pub latency: Hist,
     /// `ack` latency from the send (switchboard only).
     pub ack_latency: Hist,
+    /// How late each scheduled send left this process: the load generator's own share of
+    /// every latency.
+    pub send_lag: Hist,
     /// AI answers: tokens received, answers finished.
     pub tokens: u64,
     pub replies: u64,

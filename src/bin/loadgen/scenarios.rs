@@ -426,6 +426,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             "p99.9 ms",
             "max ms",
             "ack p99 ms",
+            "send lag p99 ms",
             "lost",
             "errors",
             "server CPU %",
@@ -451,6 +452,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             ms(m.latency.value_at_quantile(0.999)),
             ms(m.latency.max()),
             ms(m.ack_latency.value_at_quantile(0.99)),
+            ms(m.send_lag.value_at_quantile(0.99)),
             lost.to_string(),
             m.errors_text(),
             format!("{:.0}", usage.cpu_percent),
@@ -478,7 +480,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
         0
     };
     t.note(format!(
-        "{} connections open of {} ({} of them dashboards on the desk feed); latency from the scheduled send time to each recipient; rounds of {} s",
+        "{} connections open of {} ({} of them dashboards on the desk feed); latency from the scheduled send time to each recipient; send lag: how late the load generator itself sent; rounds of {} s",
         ready.connected,
         r.rooms * 3 + dashboards,
         dashboards,

@@ -13,12 +13,14 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::clock::Clock;
+use crate::pacer;
 use crate::plan::{
     histogram, ConnSpec, Finish, Hist, Plan, Proto, Ready, Role, Round, RoundResult,
 };
@@ -44,6 +46,7 @@ struct Stats {
     acked: u64,
     latency: Histogram<u64>,
     ack_latency: Histogram<u64>,
+    send_lag: Histogram<u64>,
     tokens: u64,
     replies: u64,
     token_lag: Histogram<u64>,
@@ -62,6 +65,7 @@ impl Stats {
             acked: 0,
             latency: histogram(),
             ack_latency: histogram(),
+            send_lag: histogram(),
             tokens: 0,
             replies: 0,
             token_lag: histogram(),
@@ -80,6 +84,7 @@ impl Stats {
             acked: self.acked,
             latency: Hist::from_histogram(&self.latency),
             ack_latency: Hist::from_histogram(&self.ack_latency),
+            send_lag: Hist::from_histogram(&self.send_lag),
             tokens: self.tokens,
             replies: self.replies,
             unanswered,
@@ -145,7 +150,17 @@ async fn work() -> anyhow::Result<()> {
     let gate = Rc::new(Semaphore::new(plan.connect_parallel.max(1)));
     let total = plan.conns.len();
     let stalls = plan.conns.iter().filter(|c| c.role == Role::Stall).count();
+    // The sending connections' hand-offs from the pacer, by weight.
+    let mut senders: Vec<(mpsc::UnboundedSender<u64>, f64)> = Vec::new();
     for (index, spec) in plan.conns.into_iter().enumerate() {
+        let sends = match spec.role {
+            Role::Send { weight } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                senders.push((tx, weight));
+                Some(rx)
+            }
+            _ => None,
+        };
         let octet = 2 + ((plan.worker + index) % SOURCE_ADDRESSES as usize) as u8;
         let conn = Conn {
             index: plan.worker * 1_000_000 + index,
@@ -165,7 +180,7 @@ async fn work() -> anyhow::Result<()> {
             match opened {
                 Ok(Ok(ws)) => {
                     let _ = ready_tx.send(Ok(())).await;
-                    conn.run(ws, round_rx, finish_rx, stall_tx).await;
+                    conn.run(ws, round_rx, finish_rx, stall_tx, sends).await;
                 }
                 Ok(Err(e)) => {
                     let _ = ready_tx.send(Err(format!("{e:#}"))).await;
@@ -202,6 +217,19 @@ async fn work() -> anyhow::Result<()> {
                 let cpu_before = crate::proc::self_cpu_ticks();
                 shared.round.set(Some(round));
                 let _ = round_tx.send(Some(round));
+                let round_senders = senders
+                    .iter()
+                    .map(|(tx, weight)| pacer::Sender {
+                        tx: tx.clone(),
+                        weight: *weight,
+                    })
+                    .collect();
+                let clock = shared.clock;
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = pacer::run(round_senders, round, clock).await {
+                        eprintln!("switchboard-loadgen: timing the sends failed: {e}");
+                    }
+                });
                 let end = round.t0_us + round.duration_us + round.drain_us;
                 tokio::time::sleep_until(shared.clock.instant_at(end)).await;
                 let cpu = crate::proc::self_cpu_ticks().saturating_sub(cpu_before);
@@ -245,15 +273,6 @@ struct Conn {
     server: SocketAddr,
     source: IpAddr,
     shared: Rc<Shared>,
-}
-
-/// Sends scheduled by the current round.
-struct Schedule {
-    next_us: u64,
-    period_us: f64,
-    first_us: f64,
-    n: u64,
-    end_us: u64,
 }
 
 impl Conn {
@@ -324,10 +343,9 @@ impl Conn {
         mut round_rx: watch::Receiver<Option<Round>>,
         mut finish_rx: watch::Receiver<bool>,
         stall_tx: mpsc::Sender<bool>,
+        mut sends: Option<UnboundedReceiver<u64>>,
     ) {
         let clock = self.shared.clock;
-        let far = clock.instant_at(u64::MAX / 4);
-        let mut schedule: Option<Schedule> = None;
         let mut stalled = false;
         let mut n: u64 = 0;
         // Pump and Ask: what is in flight.
@@ -335,9 +353,6 @@ impl Conn {
         let mut ask = AskState::default();
         let mut open = true;
         loop {
-            let due = schedule
-                .as_ref()
-                .map_or(far, |s| clock.instant_at(s.next_us));
             tokio::select! {
                 biased;
                 changed = round_rx.changed() => {
@@ -346,18 +361,6 @@ impl Conn {
                     }
                     let Some(round) = *round_rx.borrow_and_update() else { continue };
                     match self.spec.role {
-                        Role::Send { weight } if round.rate * weight > 0.0 => {
-                            let period = 1e6 / (round.rate * weight);
-                            let first = round.t0_us as f64 + rand::random::<f64>() * period;
-                            let end_us = round.t0_us + round.duration_us;
-                            schedule = ((first as u64) < end_us).then_some(Schedule {
-                                next_us: first as u64,
-                                period_us: period,
-                                first_us: first,
-                                n: 0,
-                                end_us,
-                            });
-                        }
                         Role::Stall => stalled = true,
                         Role::Pump { window } if open => {
                             tokio::time::sleep_until(clock.instant_at(round.t0_us)).await;
@@ -391,7 +394,8 @@ impl Conn {
                             self.shared.stats.borrow_mut().closed += 1;
                             self.shared.closed_total.set(self.shared.closed_total.get() + 1);
                             open = false;
-                            schedule = None;
+                            // The pacer stops timing this connection's sends.
+                            sends = None;
                             continue;
                         }
                         Some(Ok(_)) => continue,
@@ -402,17 +406,12 @@ impl Conn {
                     }
                     self.on_text(&text, &mut ws, &mut in_flight, &mut n, &mut ask).await;
                 }
-                _ = tokio::time::sleep_until(due), if schedule.is_some() => {
-                    let Some(s) = schedule.as_mut() else { continue };
-                    let sched = s.next_us;
-                    s.n += 1;
-                    s.next_us = (s.first_us + s.n as f64 * s.period_us) as u64;
-                    if s.next_us >= s.end_us {
-                        schedule = None;
-                    }
+                Some(sched) = next_send(&mut sends), if open => {
+                    let lag = clock.now_us().saturating_sub(sched);
+                    let _ = self.shared.stats.borrow_mut().send_lag.record(lag.max(1));
                     if self.send_marked(&mut ws, sched, &mut n).await.is_err() {
                         open = false;
-                        schedule = None;
+                        sends = None;
                     }
                 }
             }
@@ -574,6 +573,14 @@ struct AskState {
 }
 
 /// Reads frames until one satisfies `done`, answering engine.io pings on the way.
+/// The next send the pacer hands this connection; never, for a connection that does not send.
+async fn next_send(sends: &mut Option<UnboundedReceiver<u64>>) -> Option<u64> {
+    match sends {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_for(ws: &mut Ws, proto: Proto, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     while let Some(frame) = ws.next().await {
         let Message::Text(text) = frame? else {
