@@ -306,11 +306,8 @@ mod tests {
         );
     }
 
-    /// Indexed a few at a time, as the writer does under load, the index's segments are merged
-    /// as they pile up (FTS5 does not merge them itself, see the migration), and the index
-    /// finds the first messages and the last.
-    #[test]
-    fn an_index_written_in_small_batches_stays_merged() {
+    /// A new SQLite store (in the returned folder) with user `u` and their conversation `s`.
+    fn one_conversation() -> (tempfile::TempDir, crate::db::PooledConn) {
         use diesel::connection::SimpleConnection;
 
         use crate::db::{build_pool, run_migrations, sqlite_settings_in};
@@ -324,6 +321,17 @@ mod tests {
              INSERT INTO chat_sessions (id, user_id) VALUES ('s', 'u');",
         )
         .unwrap();
+        (dir, conn)
+    }
+
+    /// Indexed a few at a time, as the writer does under load, the index's segments are merged
+    /// as they pile up (FTS5 does not merge them itself, see the migration), and the index
+    /// finds the first messages and the last.
+    #[test]
+    fn an_index_written_in_small_batches_stays_merged() {
+        use diesel::connection::SimpleConnection;
+
+        let (_dir, mut conn) = one_conversation();
         let segments = |conn: &mut DbConnection| -> i64 {
             #[derive(QueryableByName)]
             struct Count {
@@ -371,12 +379,7 @@ mod tests {
     fn edits_and_deletes_keep_the_index_consistent_whether_indexed_or_not() {
         use diesel::connection::SimpleConnection;
 
-        use crate::db::{build_pool, run_migrations, sqlite_settings_in};
-
-        let dir = tempfile::tempdir().unwrap();
-        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
-        let mut conn = pool.get().unwrap();
-        run_migrations(&mut conn).unwrap();
+        let (_dir, mut conn) = one_conversation();
         let add = |conn: &mut DbConnection, seq: i64, content: &str| {
             conn.batch_execute(&format!(
                 "INSERT INTO chat_messages (id, session_id, seq, role, content)
@@ -384,11 +387,6 @@ mod tests {
             ))
             .unwrap();
         };
-        conn.batch_execute(
-            "INSERT INTO users (id, email, role) VALUES ('u', 'u@x', 'customer');
-             INSERT INTO chat_sessions (id, user_id) VALUES ('s', 'u');",
-        )
-        .unwrap();
         add(&mut conn, 1, "indexed then deleted");
         add(&mut conn, 2, "indexed then edited");
         add(&mut conn, 3, "indexed and kept");
