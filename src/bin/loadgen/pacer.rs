@@ -19,6 +19,7 @@ use crate::clock::Clock;
 use crate::plan::Round;
 
 /// One sending connection: where to hand its sends, and its share of the round's rate.
+#[derive(Clone)]
 pub struct Sender {
     pub tx: UnboundedSender<u64>,
     pub weight: f64,

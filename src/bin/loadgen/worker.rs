@@ -151,12 +151,12 @@ async fn work() -> anyhow::Result<()> {
     let total = plan.conns.len();
     let stalls = plan.conns.iter().filter(|c| c.role == Role::Stall).count();
     // The sending connections' hand-offs from the pacer, by weight.
-    let mut senders: Vec<(mpsc::UnboundedSender<u64>, f64)> = Vec::new();
+    let mut senders: Vec<pacer::Sender> = Vec::new();
     for (index, spec) in plan.conns.into_iter().enumerate() {
         let sends = match spec.role {
             Role::Send { weight } => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                senders.push((tx, weight));
+                senders.push(pacer::Sender { tx, weight });
                 Some(rx)
             }
             _ => None,
@@ -217,13 +217,7 @@ async fn work() -> anyhow::Result<()> {
                 let cpu_before = crate::proc::self_cpu_ticks();
                 shared.round.set(Some(round));
                 let _ = round_tx.send(Some(round));
-                let round_senders = senders
-                    .iter()
-                    .map(|(tx, weight)| pacer::Sender {
-                        tx: tx.clone(),
-                        weight: *weight,
-                    })
-                    .collect();
+                let round_senders = senders.clone();
                 let clock = shared.clock;
                 tokio::task::spawn_local(async move {
                     if let Err(e) = pacer::run(round_senders, round, clock).await {
