@@ -202,6 +202,8 @@ async fn small_rooms_deliver_to_customer_and_watcher() {
     assert_shown(&out, "server writes MB/s");
     // The share of time the server's threads waited for a core, next to its CPU.
     assert_shown(&out, "server waits for CPU %");
+    // How often its threads were put on a core: the hand-offs between them.
+    assert_shown(&out, "server switches/s");
     let hub = Hub::start();
     loadgen(with(&hub.args, &scenario)).await;
 }

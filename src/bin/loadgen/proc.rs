@@ -1,6 +1,6 @@
 //! CPU time, memory and file writes of a process, from `/proc/<pid>/stat`, `/proc/<pid>/status`
-//! and `/proc/<pid>/io`, and how long its threads waited for a core, from
-//! `/proc/<pid>/task/*/schedstat`.
+//! and `/proc/<pid>/io`, and how long its threads waited for a core and how often they were put
+//! on one, from `/proc/<pid>/task/*/schedstat`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,10 +54,18 @@ fn parse_write_bytes(io: &str) -> Option<u64> {
         .ok()
 }
 
-/// Nanoseconds the threads of `pid` have spent ready to run but waiting for a core (the second
-/// field of each thread's `schedstat`), summed over the threads alive now. `None` where the
-/// kernel keeps no such count or the process is gone.
-pub fn run_delay_ns(pid: &str) -> Option<u64> {
+/// What the scheduler counted for the threads of a process, summed over the threads alive now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sched {
+    /// Nanoseconds spent ready to run but waiting for a core.
+    pub run_delay_ns: u64,
+    /// Times a thread was put on a core: each wake-up, and each return after being preempted.
+    pub slices: u64,
+}
+
+/// The scheduler's counts for the threads of `pid` (each thread's `schedstat`). `None` where
+/// the kernel keeps no such count or the process is gone.
+pub fn sched(pid: &str) -> Option<Sched> {
     let mut total = None;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
@@ -67,16 +75,22 @@ pub fn run_delay_ns(pid: &str) -> Option<u64> {
             // The thread ended after the folder was listed.
             continue;
         };
-        if let Some(delay) = parse_run_delay(&stat) {
-            total = Some(total.unwrap_or(0) + delay);
+        if let Some(thread) = parse_schedstat(&stat) {
+            let sum: &mut Sched = total.get_or_insert_with(Sched::default);
+            sum.run_delay_ns += thread.run_delay_ns;
+            sum.slices += thread.slices;
         }
     }
     total
 }
 
-/// `schedstat` is "time run, time waited, slices", in nanoseconds.
-fn parse_run_delay(schedstat: &str) -> Option<u64> {
-    schedstat.split_whitespace().nth(1)?.parse().ok()
+/// `schedstat` is "time run (ns), time waited for a core (ns), slices run".
+fn parse_schedstat(schedstat: &str) -> Option<Sched> {
+    let mut fields = schedstat.split_whitespace().skip(1);
+    Some(Sched {
+        run_delay_ns: fields.next()?.parse().ok()?,
+        slices: fields.next()?.parse().ok()?,
+    })
 }
 
 /// The one-minute load average.
@@ -93,7 +107,7 @@ pub struct Sample {
     pub cpu_ticks: u64,
     pub rss_kib: u64,
     pub write_bytes: Option<u64>,
-    pub run_delay_ns: Option<u64>,
+    pub sched: Option<Sched>,
 }
 
 /// Samples a process every `every` until dropped.
@@ -121,7 +135,7 @@ impl Sampler {
                         cpu_ticks,
                         rss_kib,
                         write_bytes: write_bytes(&id),
-                        run_delay_ns: run_delay_ns(&id),
+                        sched: sched(&id),
                     });
                 }
             }
@@ -136,7 +150,7 @@ impl Sampler {
             cpu_ticks: cpu_ticks(&self.pid).unwrap_or(0),
             rss_kib: rss_kib(&self.pid).unwrap_or(0),
             write_bytes: write_bytes(&self.pid),
-            run_delay_ns: run_delay_ns(&self.pid),
+            sched: sched(&self.pid),
         }
     }
 
@@ -154,7 +168,8 @@ impl Sampler {
     }
 
     /// Server CPU use within `[from, to]`, in percent of one core, the largest RSS seen, how
-    /// fast it wrote to files, and how long its threads waited for a core.
+    /// fast it wrote to files, how long its threads waited for a core and how often they were
+    /// put on one.
     pub fn usage(&self, from_us: u64, to_us: u64) -> Usage {
         usage_of(&self.between(from_us, to_us))
     }
@@ -176,7 +191,12 @@ fn usage_of(s: &[Sample]) -> Usage {
         cpu_percent: cpu,
         rss_max_kib: s.iter().map(|x| x.rss_kib).max().unwrap_or(0),
         write_mb_per_s: per_second(first.write_bytes, last.write_bytes).map(|b| b / 1e6),
-        wait_percent: per_second(first.run_delay_ns, last.run_delay_ns).map(|ns| ns / 1e9 * 100.0),
+        wait_percent: per_second(
+            first.sched.map(|s| s.run_delay_ns),
+            last.sched.map(|s| s.run_delay_ns),
+        )
+        .map(|ns| ns / 1e9 * 100.0),
+        switches_per_s: per_second(first.sched.map(|s| s.slices), last.sched.map(|s| s.slices)),
     }
 }
 
@@ -206,6 +226,9 @@ pub struct Usage {
     /// Time the threads spent ready to run but waiting for a core, in percent of one core's
     /// time (200 means two threads waited all along); `None` where it cannot be read.
     pub wait_percent: Option<f64>,
+    /// Times a second the threads were put on a core (woken, or back after a preemption): each
+    /// is a switch between threads; `None` where it cannot be read.
+    pub switches_per_s: Option<f64>,
 }
 
 impl Usage {
@@ -218,6 +241,12 @@ impl Usage {
     /// The wait for a core as a table cell: whole percent, or "-" where it is not known.
     pub fn wait_cell(&self) -> String {
         self.wait_percent
+            .map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+    }
+
+    /// The switches a second as a table cell: a whole number, or "-" where it is not known.
+    pub fn switches_cell(&self) -> String {
+        self.switches_per_s
             .map_or_else(|| "-".into(), |v| format!("{v:.0}"))
     }
 }
@@ -236,10 +265,22 @@ mod tests {
     }
 
     #[test]
-    fn run_delay_is_the_second_schedstat_field() {
-        assert_eq!(parse_run_delay("812345 67890 12\n"), Some(67890));
-        assert_eq!(parse_run_delay("812345\n"), None);
-        assert_eq!(parse_run_delay("812345 soon 12\n"), None);
+    fn the_wait_and_the_slices_are_the_second_and_third_schedstat_fields() {
+        assert_eq!(
+            parse_schedstat("812345 67890 12\n"),
+            Some(Sched {
+                run_delay_ns: 67890,
+                slices: 12
+            })
+        );
+        assert_eq!(parse_schedstat("812345 67890\n"), None);
+        assert_eq!(parse_schedstat("812345 soon 12\n"), None);
+    }
+
+    #[test]
+    fn the_own_process_is_counted_by_the_scheduler() {
+        let counted = sched("self").expect("schedstat is kept");
+        assert!(counted.slices > 0, "{counted:?}");
     }
 
     #[test]
@@ -255,7 +296,7 @@ mod tests {
                 cpu_ticks: 0,
                 rss_kib: 1,
                 write_bytes,
-                run_delay_ns: None,
+                sched: None,
             };
             usage_of(&[sample(0, a), sample(1_000_000, None), sample(2_000_000, b)])
         };
@@ -264,19 +305,31 @@ mod tests {
     }
 
     #[test]
-    fn the_wait_for_a_core_spans_the_first_and_last_samples() {
-        let sample = |at_us, run_delay_ns| Sample {
+    fn the_wait_for_a_core_and_the_switches_span_the_first_and_last_samples() {
+        let sample = |at_us, counts: Option<(u64, u64)>| Sample {
             at_us,
             cpu_ticks: 0,
             rss_kib: 1,
             write_bytes: None,
-            run_delay_ns,
+            sched: counts.map(|(run_delay_ns, slices)| Sched {
+                run_delay_ns,
+                slices,
+            }),
         };
-        let usage = |a, b| usage_of(&[sample(0, a), sample(2_000_000, b)]).wait_cell();
-        // 3 s of waiting in 2 s: one and a half cores' worth.
-        assert_eq!(usage(Some(1_000_000_000), Some(4_000_000_000)), "150");
-        // A thread that ended took its count along.
-        assert_eq!(usage(Some(4_000_000_000), Some(1_000_000_000)), "0");
-        assert_eq!(usage(None, Some(1)), "-");
+        let usage = |a, b| {
+            let u = usage_of(&[sample(0, a), sample(2_000_000, b)]);
+            (u.wait_cell(), u.switches_cell())
+        };
+        // 3 s of waiting in 2 s: one and a half cores' worth; 9,000 slices in 2 s.
+        assert_eq!(
+            usage(Some((1_000_000_000, 1_000)), Some((4_000_000_000, 10_000))),
+            ("150".into(), "4500".into())
+        );
+        // A thread that ended took its counts along.
+        assert_eq!(
+            usage(Some((4_000_000_000, 10_000)), Some((1_000_000_000, 1_000))),
+            ("0".into(), "0".into())
+        );
+        assert_eq!(usage(None, Some((1, 1))), ("-".into(), "-".into()));
     }
 }

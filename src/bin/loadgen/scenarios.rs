@@ -431,6 +431,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             "errors",
             "server CPU %",
             "server waits for CPU %",
+            "server switches/s",
             "server RSS MiB",
             "server writes MB/s",
             "loadgen CPU %",
@@ -457,6 +458,7 @@ pub async fn rooms(ctx: &Ctx, r: &Rooms) -> anyhow::Result<Vec<String>> {
             m.errors_text(),
             format!("{:.0}", usage.cpu_percent),
             usage.wait_cell(),
+            usage.switches_cell(),
             mib(usage.rss_max_kib),
             usage.writes_cell(),
             format!(
