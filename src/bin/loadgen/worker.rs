@@ -566,7 +566,6 @@ struct AskState {
     waiting: bool,
 }
 
-/// Reads frames until one satisfies `done`, answering engine.io pings on the way.
 /// The next send the pacer hands this connection; never, for a connection that does not send.
 async fn next_send(sends: &mut Option<UnboundedReceiver<u64>>) -> Option<u64> {
     match sends {
@@ -575,6 +574,7 @@ async fn next_send(sends: &mut Option<UnboundedReceiver<u64>>) -> Option<u64> {
     }
 }
 
+/// Reads frames until one satisfies `done`, answering engine.io pings on the way.
 async fn wait_for(ws: &mut Ws, proto: Proto, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     while let Some(frame) = ws.next().await {
         let Message::Text(text) = frame? else {
