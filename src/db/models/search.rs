@@ -420,4 +420,184 @@ mod tests {
         assert_eq!(ids(&mut conn, "deleted"), Vec::<i64>::new());
         assert_eq!(ids(&mut conn, "kept"), vec![3]);
     }
+
+    /// Ids are one more than the highest in the table: deleting the newest message gives its id
+    /// to the next one, which the index must take in all the same.
+    #[test]
+    fn a_message_given_the_id_of_a_deleted_newest_one_is_indexed() {
+        use diesel::connection::SimpleConnection;
+
+        let (_dir, mut conn) = one_conversation();
+        conn.batch_execute(
+            "INSERT INTO chat_messages (session_id, seq, role, content)
+             VALUES ('s', 1, 'user', 'kept'), ('s', 2, 'user', 'newest then deleted')",
+        )
+        .unwrap();
+        assert_eq!(index_pending(&mut conn, 100).unwrap(), 2);
+        conn.batch_execute(
+            "DELETE FROM chat_messages WHERE seq = 2;
+             INSERT INTO chat_messages (session_id, seq, role, content)
+             VALUES ('s', 3, 'user', 'walrus arrives');",
+        )
+        .unwrap();
+        assert_eq!(index_pending(&mut conn, 100).unwrap(), 1, "the new message");
+        conn.batch_execute(
+            "INSERT INTO chat_messages_fts (chat_messages_fts) VALUES ('integrity-check')",
+        )
+        .expect("the index matches the table");
+        let hits = search(&mut conn, "walrus", None, None, 10).unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].id, 2, "the deleted message's id, given again");
+        assert!(search(&mut conn, "deleted", None, None, 10)
+            .unwrap()
+            .is_empty());
+    }
+
+    /// The table's rules hold for a write that does not come through the application: a role
+    /// outside the four is refused, and so is a conversation that does not exist.
+    #[test]
+    fn the_messages_table_refuses_an_unknown_role_and_conversation() {
+        use diesel::connection::SimpleConnection;
+
+        let (_dir, mut conn) = one_conversation();
+        for role in ["user", "assistant", "agent", "system"] {
+            conn.batch_execute(&format!(
+                "INSERT INTO chat_messages (session_id, seq, role, content)
+                 VALUES ('s', (SELECT coalesce(max(seq), 0) + 1 FROM chat_messages), '{role}', 'x')"
+            ))
+            .unwrap_or_else(|e| panic!("{role}: {e}"));
+        }
+        for (values, refused) in [
+            ("('s', 10, 'admin', 'x')", "CHECK constraint failed"),
+            ("('s', 11, '', 'x')", "CHECK constraint failed"),
+            ("('s', 12, 'USER', 'x')", "CHECK constraint failed"),
+            ("('nope', 1, 'user', 'x')", "FOREIGN KEY constraint failed"),
+        ] {
+            let err = conn
+                .batch_execute(&format!(
+                    "INSERT INTO chat_messages (session_id, seq, role, content) VALUES {values}"
+                ))
+                .unwrap_err();
+            assert!(err.to_string().contains(refused), "{values}: {err}");
+        }
+        assert_eq!(
+            crate::db::models::message::count(&mut conn, "s").unwrap(),
+            4,
+            "only the four roles were stored"
+        );
+    }
+
+    /// A store with messages from before the messages table was built again (the migration
+    /// `chat_messages_rebuilt_for_cheaper_inserts`) keeps them with their ids, its index, and
+    /// its rules; a new message inserts without a temporary table; and the migration reverts.
+    #[test]
+    fn the_messages_table_built_again_keeps_what_was_stored() {
+        use diesel::connection::SimpleConnection;
+        use diesel_migrations::MigrationHarness;
+
+        use crate::db::{build_pool, sqlite_settings_in, SQLITE_MIGRATIONS};
+
+        #[derive(QueryableByName, Debug, PartialEq)]
+        struct Row {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+            #[diesel(sql_type = Text)]
+            content: String,
+            #[diesel(sql_type = Text)]
+            stamp: String,
+        }
+        let rows = |conn: &mut DbConnection| -> Vec<Row> {
+            diesel::sql_query(
+                "SELECT id, content, CAST(\"timestamp\" AS TEXT) AS stamp FROM chat_messages ORDER BY id",
+            )
+            .load(conn)
+            .unwrap()
+        };
+        #[derive(QueryableByName)]
+        struct Op {
+            #[diesel(sql_type = Text)]
+            opcode: String,
+        }
+        let temporary_tables = |conn: &mut DbConnection| -> usize {
+            diesel::sql_query(
+                "EXPLAIN INSERT INTO chat_messages (session_id, seq, role, content) \
+                 VALUES ('s', 100, 'user', 'x')",
+            )
+            .load::<Op>(conn)
+            .unwrap()
+            .iter()
+            .filter(|op| op.opcode == "OpenEphemeral")
+            .count()
+        };
+        const REBUILD: &str = "2026-12-08-000001";
+
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
+        let mut conn = pool.get().unwrap();
+        {
+            let DbConnection::Sqlite(c) = &mut *conn else {
+                unreachable!("a SQLite store")
+            };
+            while let Some(next) = c.pending_migrations(SQLITE_MIGRATIONS).unwrap().first() {
+                // Diesel gives the version without its dashes.
+                if next.name().version().to_string() == REBUILD.replace('-', "") {
+                    break;
+                }
+                c.run_next_migration(SQLITE_MIGRATIONS).unwrap();
+            }
+        }
+        conn.batch_execute(
+            "INSERT INTO users (id, email, role) VALUES ('u', 'u@x', 'customer');
+             INSERT INTO chat_sessions (id, user_id) VALUES ('s', 'u');
+             INSERT INTO chat_messages (session_id, seq, role, content, created_at) VALUES
+                 ('s', 1, 'user', 'otter one', '2026-12-01 10:00:00'),
+                 ('s', 2, 'assistant', 'otter two', '2026-12-01 10:00:01'),
+                 ('s', 3, 'agent', 'otter three', '2026-12-01 10:00:02');",
+        )
+        .unwrap();
+        assert_eq!(
+            index_pending(&mut conn, 2).unwrap(),
+            2,
+            "one message left to index"
+        );
+        assert_eq!(temporary_tables(&mut conn), 1, "the role's IN list, before");
+        let before = rows(&mut conn);
+
+        let DbConnection::Sqlite(c) = &mut *conn else {
+            unreachable!("a SQLite store")
+        };
+        c.run_next_migration(SQLITE_MIGRATIONS).unwrap();
+        assert!(c.pending_migrations(SQLITE_MIGRATIONS).unwrap().is_empty());
+        assert_eq!(rows(&mut conn), before, "the same rows, ids and timestamps");
+        assert_eq!(
+            temporary_tables(&mut conn),
+            0,
+            "the role is checked by comparisons"
+        );
+        assert_eq!(index_pending(&mut conn, 100).unwrap(), 1, "the one left");
+        conn.batch_execute(
+            "INSERT INTO chat_messages (session_id, seq, role, content) VALUES ('s', 4, 'user', 'otter four');
+             INSERT INTO chat_messages_fts (chat_messages_fts) VALUES ('integrity-check');",
+        )
+        .expect("a new message, and the index matching the table");
+        assert_eq!(rows(&mut conn).last().unwrap().id, 4);
+        assert_eq!(index_pending(&mut conn, 100).unwrap(), 1);
+        assert_eq!(search(&mut conn, "otter", None, None, 10).unwrap().len(), 4);
+        assert!(conn
+            .batch_execute(
+                "INSERT INTO chat_messages (session_id, seq, role, content) VALUES ('s', 5, 'bot', 'x')"
+            )
+            .is_err());
+
+        let DbConnection::Sqlite(c) = &mut *conn else {
+            unreachable!("a SQLite store")
+        };
+        c.revert_last_migration(SQLITE_MIGRATIONS).unwrap();
+        assert_eq!(temporary_tables(&mut conn), 1, "the table as it was");
+        assert_eq!(rows(&mut conn).len(), 4);
+        conn.batch_execute(
+            "INSERT INTO chat_messages_fts (chat_messages_fts) VALUES ('integrity-check')",
+        )
+        .expect("the index matching the table");
+    }
 }
