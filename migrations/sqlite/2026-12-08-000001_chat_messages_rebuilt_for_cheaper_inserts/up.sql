@@ -41,8 +41,8 @@ ALTER TABLE chat_messages_new RENAME TO chat_messages;
 CREATE TRIGGER chat_messages_fts_delete AFTER DELETE ON chat_messages
 WHEN old.id <= (SELECT indexed_to FROM chat_messages_fts_progress) BEGIN
     INSERT INTO chat_messages_fts (chat_messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
-    UPDATE chat_messages_fts_progress SET indexed_to = (SELECT coalesce(max(id), 0) FROM chat_messages)
-    WHERE indexed_to > (SELECT coalesce(max(id), 0) FROM chat_messages);
+    UPDATE chat_messages_fts_progress
+    SET indexed_to = min(indexed_to, (SELECT coalesce(max(id), 0) FROM chat_messages));
 END;
 CREATE TRIGGER chat_messages_fts_update AFTER UPDATE OF content ON chat_messages
 WHEN old.id <= (SELECT indexed_to FROM chat_messages_fts_progress) BEGIN

@@ -234,21 +234,23 @@ pub struct Usage {
 impl Usage {
     /// The write rate as a table cell: one decimal, or "-" where it is not known.
     pub fn writes_cell(&self) -> String {
-        self.write_mb_per_s
-            .map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+        cell(self.write_mb_per_s, 1)
     }
 
     /// The wait for a core as a table cell: whole percent, or "-" where it is not known.
     pub fn wait_cell(&self) -> String {
-        self.wait_percent
-            .map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+        cell(self.wait_percent, 0)
     }
 
     /// The switches a second as a table cell: a whole number, or "-" where it is not known.
     pub fn switches_cell(&self) -> String {
-        self.switches_per_s
-            .map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+        cell(self.switches_per_s, 0)
     }
+}
+
+/// A reading as a table cell with `decimals` decimals, or "-" where it could not be read.
+fn cell(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
 #[cfg(test)]

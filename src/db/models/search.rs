@@ -308,20 +308,39 @@ mod tests {
 
     /// A new SQLite store (in the returned folder) with user `u` and their conversation `s`.
     fn one_conversation() -> (tempfile::TempDir, crate::db::PooledConn) {
-        use diesel::connection::SimpleConnection;
+        let (dir, mut conn) = new_store();
+        crate::db::run_migrations(&mut conn).unwrap();
+        add_one_conversation(&mut conn);
+        (dir, conn)
+    }
 
-        use crate::db::{build_pool, run_migrations, sqlite_settings_in};
+    /// A new SQLite store in the returned folder, no migration run.
+    fn new_store() -> (tempfile::TempDir, crate::db::PooledConn) {
+        use crate::db::{build_pool, sqlite_settings_in};
 
         let dir = tempfile::tempdir().unwrap();
         let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
-        let mut conn = pool.get().unwrap();
-        run_migrations(&mut conn).unwrap();
+        let conn = pool.get().unwrap();
+        (dir, conn)
+    }
+
+    /// User `u` and their conversation `s`.
+    fn add_one_conversation(conn: &mut DbConnection) {
+        use diesel::connection::SimpleConnection;
+
         conn.batch_execute(
             "INSERT INTO users (id, email, role) VALUES ('u', 'u@x', 'customer');
              INSERT INTO chat_sessions (id, user_id) VALUES ('s', 'u');",
         )
         .unwrap();
-        (dir, conn)
+    }
+
+    /// The SQLite connection inside, for Diesel's migration harness.
+    fn sqlite(conn: &mut DbConnection) -> &mut diesel::SqliteConnection {
+        let DbConnection::Sqlite(c) = conn else {
+            unreachable!("a SQLite store")
+        };
+        c
     }
 
     /// Indexed a few at a time, as the writer does under load, the index's segments are merged
@@ -495,7 +514,7 @@ mod tests {
         use diesel::connection::SimpleConnection;
         use diesel_migrations::MigrationHarness;
 
-        use crate::db::{build_pool, sqlite_settings_in, SQLITE_MIGRATIONS};
+        use crate::db::SQLITE_MIGRATIONS;
 
         #[derive(QueryableByName, Debug, PartialEq)]
         struct Row {
@@ -531,25 +550,18 @@ mod tests {
         };
         const REBUILD: &str = "2026-12-08-000001";
 
-        let dir = tempfile::tempdir().unwrap();
-        let (pool, _) = build_pool(&sqlite_settings_in(dir.path())).unwrap();
-        let mut conn = pool.get().unwrap();
-        {
-            let DbConnection::Sqlite(c) = &mut *conn else {
-                unreachable!("a SQLite store")
-            };
-            while let Some(next) = c.pending_migrations(SQLITE_MIGRATIONS).unwrap().first() {
-                // Diesel gives the version without its dashes.
-                if next.name().version().to_string() == REBUILD.replace('-', "") {
-                    break;
-                }
-                c.run_next_migration(SQLITE_MIGRATIONS).unwrap();
+        let (_dir, mut conn) = new_store();
+        let c = sqlite(&mut conn);
+        while let Some(next) = c.pending_migrations(SQLITE_MIGRATIONS).unwrap().first() {
+            // Diesel gives the version without its dashes.
+            if next.name().version().to_string() == REBUILD.replace('-', "") {
+                break;
             }
+            c.run_next_migration(SQLITE_MIGRATIONS).unwrap();
         }
+        add_one_conversation(&mut conn);
         conn.batch_execute(
-            "INSERT INTO users (id, email, role) VALUES ('u', 'u@x', 'customer');
-             INSERT INTO chat_sessions (id, user_id) VALUES ('s', 'u');
-             INSERT INTO chat_messages (session_id, seq, role, content, created_at) VALUES
+            "INSERT INTO chat_messages (session_id, seq, role, content, created_at) VALUES
                  ('s', 1, 'user', 'otter one', '2026-12-01 10:00:00'),
                  ('s', 2, 'assistant', 'otter two', '2026-12-01 10:00:01'),
                  ('s', 3, 'agent', 'otter three', '2026-12-01 10:00:02');",
@@ -563,9 +575,7 @@ mod tests {
         assert_eq!(temporary_tables(&mut conn), 1, "the role's IN list, before");
         let before = rows(&mut conn);
 
-        let DbConnection::Sqlite(c) = &mut *conn else {
-            unreachable!("a SQLite store")
-        };
+        let c = sqlite(&mut conn);
         c.run_next_migration(SQLITE_MIGRATIONS).unwrap();
         assert!(c.pending_migrations(SQLITE_MIGRATIONS).unwrap().is_empty());
         assert_eq!(rows(&mut conn), before, "the same rows, ids and timestamps");
@@ -589,10 +599,9 @@ mod tests {
             )
             .is_err());
 
-        let DbConnection::Sqlite(c) = &mut *conn else {
-            unreachable!("a SQLite store")
-        };
-        c.revert_last_migration(SQLITE_MIGRATIONS).unwrap();
+        sqlite(&mut conn)
+            .revert_last_migration(SQLITE_MIGRATIONS)
+            .unwrap();
         assert_eq!(temporary_tables(&mut conn), 1, "the table as it was");
         assert_eq!(rows(&mut conn).len(), 4);
         conn.batch_execute(
